@@ -1,0 +1,43 @@
+"""The one interface behind which every model role sits: a batch of conversations in, texts out.
+
+The teacher, the user simulator, the judge, ensemble members and the student being
+evaluated are all `Backend`s. The offline world implements it procedurally; a local
+transformers model and an OpenAI-compatible server implement it the same way, so a
+recipe swaps one for another without touching the stage that calls it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
+Conversation = list[Message]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Per-request sampling parameters."""
+
+    temperature: float = 0.0
+    max_new_tokens: int = 256
+    seed: int = 0
+
+
+class Backend(Protocol):
+    name: str
+
+    def generate(self, conversations: Sequence[Conversation], sampling: Sampling) -> list[str]:
+        """One reply per conversation, in order. Implementations may batch or run requests
+        concurrently inside; callers pass whole batches so that they can."""
+        ...
+
+
+def conversation_rng(conversation: Conversation, *salt: object) -> random.Random:
+    """A generator seeded by the conversation's text, so replies are reproducible per row
+    whatever the batch composition or the order rows are processed in after a resume."""
+    blob = json.dumps([conversation, salt], sort_keys=True).encode()
+    return random.Random(int.from_bytes(hashlib.sha256(blob).digest()[:8], "big"))

@@ -1,0 +1,192 @@
+"""Typed configs: one per stage, gathered in a recipe, loaded from YAML with key=value overrides.
+
+Every field is documented by the docstring on the line below it. An unknown key, a wrong
+type or an impossible value fails before any work starts, naming the key and the recipe.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A recipe that cannot be used; the message names the recipe file and the key."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class TeacherConfig(Strict):
+    ramble: float = Field(0.15, ge=0, le=1)
+    """Share of answers to which the world teacher appends filler sentences."""
+    ignore_format: float = Field(0.15, ge=0, le=1)
+    """Share of answers in which it ignores the requested format (sentence count, bare answer)."""
+    skip_courtesy: float = Field(0.2, ge=0, le=1)
+    """Share of notes it ends without the sign-off."""
+    error: float = Field(0.03, ge=0, le=1)
+    """Share of answers it gets wrong."""
+    seed: int = 0
+    """Seed of the teacher's choices (each reply is also seeded by its conversation)."""
+
+
+class ModelShape(Strict):
+    vocab_size: int = Field(1536, ge=300)
+    """Upper bound on the BPE vocabulary trained on world text."""
+    hidden_size: int = Field(192, ge=16)
+    """Width of the Llama model."""
+    layers: int = Field(4, ge=1)
+    """Number of transformer blocks."""
+    heads: int = Field(4, ge=1)
+    """Attention heads (hidden_size must divide by it)."""
+    intermediate_size: int = Field(512, ge=16)
+    """Width of the MLP."""
+    max_position: int = Field(512, ge=32)
+    """Longest sequence the model can see."""
+
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        if self.hidden_size % self.heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by heads {self.heads}")
+        return self
+
+
+class TrainConfig(Strict):
+    """What the shared training loop needs; SFT and pretraining extend it."""
+
+    learning_rate: float = Field(1e-3, gt=0)
+    """Peak learning rate of AdamW."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay (the paper used none)."""
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    """Share of steps spent warming up linearly before the cosine decay."""
+    per_device_batch_size: int = Field(16, ge=1)
+    """Sequences per micro-batch on each process."""
+    gradient_accumulation: int = Field(1, ge=1)
+    """Micro-batches per optimizer step; global batch = per-device x accumulation x processes."""
+    max_grad_norm: float = Field(1.0, gt=0)
+    """Gradients are clipped to this norm."""
+    max_length: int = Field(256, ge=16)
+    """Longest training sequence in tokens."""
+    epochs: float = Field(1.0, gt=0)
+    """Passes over the training rows (fractions allowed)."""
+    max_steps: int | None = Field(None, ge=1)
+    """If set, stop after this many optimizer steps instead."""
+    checkpoint_every: int = Field(100, ge=1)
+    """Save a resumable checkpoint every this many steps (and at the end)."""
+    log_every: int = Field(10, ge=1)
+    """Write a metrics line every this many steps."""
+    seed: int = 0
+    """Seed of the initial weights and of the data order."""
+
+
+class BaseConfig(TrainConfig):
+    model: ModelShape = ModelShape()
+    """Shape of the base model trained from scratch."""
+    corpus_documents: int = Field(60000, ge=100)
+    """World documents generated as plain pretraining text."""
+    learning_rate: float = Field(3e-3, gt=0)
+    """Peak learning rate of AdamW."""
+
+
+class DialoguesConfig(Strict):
+    n_dialogues: int = Field(4000, ge=1)
+    """Dialogues to generate (before filtering)."""
+    min_turns: int = Field(1, ge=1)
+    """Fewest user turns in a dialogue."""
+    max_turns: int = Field(3, ge=1)
+    """Most user turns in a dialogue."""
+    max_tokens: int = Field(256, ge=16)
+    """Dialogues longer than this, in tokens with the chat template, are dropped and counted."""
+    chunk_size: int = Field(256, ge=1)
+    """Dialogues written per part file; a killed run resumes at the first missing part."""
+    seed: int = 0
+    """Seed of the seed topics."""
+
+    @model_validator(mode="after")
+    def _turns_order(self):
+        if self.min_turns > self.max_turns:
+            raise ValueError(f"min_turns {self.min_turns} is above max_turns {self.max_turns}")
+        return self
+
+
+class SFTConfig(TrainConfig):
+    packing: bool = False
+    """Pack several dialogues into one sequence; attention never crosses a dialogue border."""
+    replay_ratio: float = Field(0.25, ge=0, lt=1)
+    """Share of training sequences that are pretraining text, so base knowledge survives."""
+    skip_bad_rows: bool = False
+    """Drop and count malformed dialogue rows instead of stopping at the first one."""
+
+
+class EvalConfig(Strict):
+    questions_per_category: int = Field(12, ge=1)
+    """Held-out two-turn questions per category (MT-Bench has 10)."""
+    max_new_tokens: int = Field(64, ge=1)
+    """Longest answer generated."""
+    batch_size: int = Field(64, ge=1)
+    """Prompts generated together."""
+    pass_k: int = Field(4, ge=1)
+    """Samples per first turn for pass@k."""
+    pass_temperature: float = Field(0.8, gt=0)
+    """Temperature of the pass@k samples."""
+    seed: int = 1234
+    """Seed of the held-out questions and of sampling; kept apart from the training seeds."""
+
+
+class RecipeConfig(Strict):
+    name: str = "offline"
+    """Name of the recipe, recorded in every manifest."""
+    run_dir: str = "runs/offline"
+    """Folder that receives one sub-folder per stage."""
+    teacher: TeacherConfig = TeacherConfig()
+    """The world teacher that writes the dSFT answers."""
+    base: BaseConfig = BaseConfig()
+    """Pretraining the world's base model."""
+    dialogues: DialoguesConfig = DialoguesConfig()
+    """UltraChat-style dialogue generation."""
+    sft: SFTConfig = SFTConfig()
+    """Distilled supervised fine-tuning."""
+    evaluate: EvalConfig = EvalConfig()
+    """MT-Bench-style evaluation in the world."""
+
+
+def _set(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    for key in keys[:-1]:
+        node = tree.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {key} is not a section")
+        tree = node
+    tree[keys[-1]] = value
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> RecipeConfig:
+    """Read a YAML recipe (or the built-in defaults when path is None) and apply key=value overrides."""
+    source = str(path) if path else "<defaults>"
+    tree: dict = {}
+    if path:
+        try:
+            tree = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise ConfigError(f"{source}: cannot read recipe: {err}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{source}: a recipe must be a mapping of sections")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        _set(tree, key.strip(), yaml.safe_load(raw))
+    try:
+        return RecipeConfig.model_validate(tree)
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            key = ".".join(str(p) for p in e["loc"]) or "(recipe)"
+            problems.append(f"{key}: {e['msg']}" + (f" (got {e['input']!r})" if e["type"] != "missing" and "input" in e
+                                                     and not isinstance(e["input"], dict) else ""))
+        raise ConfigError(f"{source}: invalid recipe\n  " + "\n  ".join(problems)) from None

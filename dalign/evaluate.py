@@ -1,0 +1,113 @@
+"""Stage 3 (world): MT-Bench-style evaluation, plus greedy accuracy and pass@k.
+
+Two-turn questions per category in MT-Bench's question format, answered by the model at
+MT-Bench's per-category temperatures (turn two sees the model's own first answer), and
+graded 1-10 per turn by the judge. Every answer and judgment is kept in the output.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict
+from typing import Sequence
+
+from dalign.backends import Backend, Sampling
+from dalign.config import EvalConfig
+from dalign.judging import JudgeParseError, parse_judgment
+from dalign.world import CATEGORIES
+from dalign.world.roles import TOPIC_PREFIX, WorldTeacher, WorldUser
+
+
+def make_questions(per_category: int, seed: int, exclude: set[str]) -> list[dict]:
+    """Held-out questions: first turns never seen in the training dialogues, no repeats."""
+    user, reference = WorldUser(seed=seed), WorldTeacher()
+    rows, seen = [], set(exclude)
+    for category in CATEGORIES:
+        j = 0
+        for _ in range(per_category):
+            while True:
+                conv = [{"role": "system", "content": f"{TOPIC_PREFIX}{category} #eval-{seed}-{j}"}]
+                j += 1
+                first = user.ask(conv)
+                if first not in seen:
+                    break
+            seen.add(first)
+            conv.append({"role": "user", "content": first})
+            conv.append({"role": "assistant", "content": reference.answer(conv[1:])})
+            second = user.ask(conv)
+            ref2 = reference.answer(conv[1:] + [{"role": "user", "content": second}])
+            rows.append({"question_id": len(rows) + 1, "category": category, "turns": [first, second],
+                         "reference": [conv[-1]["content"], ref2]})
+    return rows
+
+
+def _answer(model: Backend, convs: list[list[dict]], temps: list[float], cfg: EvalConfig, seed: int) -> list[str]:
+    """Answers grouped by temperature so each group is one batched call."""
+    out: list[str] = [""] * len(convs)
+    for t in sorted(set(temps)):
+        idx = [i for i, x in enumerate(temps) if x == t]
+        for i, text in zip(idx, model.generate([convs[i] for i in idx], Sampling(t, cfg.max_new_tokens, seed))):
+            out[i] = text
+    return out
+
+
+def _judge(judge: Backend, convs: list[list[dict]], failures: list) -> list[dict]:
+    results = []
+    for conv, raw in zip(convs, judge.generate(convs, Sampling(0.0))):
+        try:
+            j = parse_judgment(raw)
+            results.append({"score": j.score, "correct": j.correct, "aspects": j.aspects, "raw": raw})
+        except JudgeParseError as err:
+            failures.append(str(err))
+            results.append({"score": None, "correct": None, "raw": raw, "error": str(err)})
+    return results
+
+
+def mean_ci(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and the half-width of its normal-approximation 95% confidence interval."""
+    if not values:
+        return float("nan"), float("nan")
+    half = 1.96 * statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+    return statistics.fmean(values), half
+
+
+def evaluate_mt_bench(model: Backend, judge: Backend, questions: list[dict], cfg: EvalConfig) -> dict:
+    temps = [CATEGORIES[q["category"]].temperature for q in questions]
+    convs = [[{"role": "user", "content": q["turns"][0]}] for q in questions]
+    first = _answer(model, convs, temps, cfg, cfg.seed)
+    convs2 = [c + [{"role": "assistant", "content": a}, {"role": "user", "content": q["turns"][1]}]
+              for c, a, q in zip(convs, first, questions)]
+    second = _answer(model, convs2, temps, cfg, cfg.seed + 1)
+    failures: list[str] = []
+    j1 = _judge(judge, [c + [{"role": "assistant", "content": a}] for c, a in zip(convs, first)], failures)
+    j2 = _judge(judge, [c + [{"role": "assistant", "content": a}] for c, a in zip(convs2, second)], failures)
+    # Greedy accuracy and pass@k on the first turns.
+    greedy = model.generate(convs, Sampling(0.0, cfg.max_new_tokens, cfg.seed))
+    jg = _judge(judge, [c + [{"role": "assistant", "content": a}] for c, a in zip(convs, greedy)], failures)
+    samples = model.generate([c for c in convs for _ in range(cfg.pass_k)],
+                             Sampling(cfg.pass_temperature, cfg.max_new_tokens, cfg.seed + 2))
+    js = _judge(judge, [c + [{"role": "assistant", "content": a}] for c in convs for a in
+                        samples[convs.index(c) * cfg.pass_k:(convs.index(c) + 1) * cfg.pass_k]], failures)
+    answers, by_cat = [], defaultdict(list)
+    for i, q in enumerate(questions):
+        sample_j = js[i * cfg.pass_k:(i + 1) * cfg.pass_k]
+        scores = [j["score"] for j in (j1[i], j2[i]) if j["score"] is not None]
+        row = {**q, "answers": [first[i], second[i]], "judgments": [j1[i], j2[i]], "score": statistics.fmean(scores) if scores else None,
+               "greedy_answer": greedy[i], "greedy_correct": bool(jg[i]["correct"]),
+               "pass_at_k": any(bool(j["correct"]) for j in sample_j), "first_turn_correct": bool(j1[i]["correct"])}
+        answers.append(row)
+        if row["score"] is not None:
+            by_cat[q["category"]].append(row)
+    scored = [r["score"] for r in answers if r["score"] is not None]
+    overall, half = mean_ci(scored)
+    categories = {c: {"score": statistics.fmean(r["score"] for r in rs),
+                      "first_turn_correct": statistics.fmean(r["first_turn_correct"] for r in rs),
+                      "greedy_accuracy": statistics.fmean(r["greedy_correct"] for r in rs),
+                      "pass_at_k": statistics.fmean(r["pass_at_k"] for r in rs)} for c, rs in by_cat.items()}
+    return {"model": model.name, "judge": judge.name, "questions": len(questions), "score": overall, "ci95": half,
+            "categories": categories,
+            "first_turn_correct": statistics.fmean(r["first_turn_correct"] for r in answers),
+            "greedy_accuracy": statistics.fmean(r["greedy_correct"] for r in answers),
+            "pass_at_k": statistics.fmean(r["pass_at_k"] for r in answers), "k": cfg.pass_k,
+            "judge_failures": len(failures), "answers": answers}

@@ -1,0 +1,60 @@
+"""Local generation on transformers: a Backend over a causal LM and its chat template.
+
+Batched with left padding and the KV cache, stopping each row at the end-of-sequence
+token. Rows are sorted by prompt length inside a call so that batches carry little
+padding, and the replies come back in the caller's order.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from dalign.backends import Conversation, Sampling
+from dalign.chat import prompt_ids
+
+
+class LocalModel:
+    def __init__(self, model, tokenizer, batch_size: int = 64, name: str | None = None):
+        self.model, self.tokenizer, self.batch_size = model.eval(), tokenizer, batch_size
+        self.name = name or str(getattr(model.config, "_name_or_path", "local-model"))
+        self.generated_tokens = 0
+
+    @classmethod
+    def load(cls, path: str | Path, batch_size: int = 64) -> "LocalModel":
+        return cls(AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path), batch_size, str(path))
+
+    @torch.no_grad()
+    def generate(self, conversations: Sequence[Conversation], sampling: Sampling = Sampling()) -> list[str]:
+        prompts = [prompt_ids(self.tokenizer, c) for c in conversations]
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        replies: list[str] = [""] * len(prompts)
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start:start + self.batch_size]
+            torch.manual_seed(sampling.seed + start)  # reproducible samples whatever ran before
+            for i, text in zip(chunk, self._batch([prompts[i] for i in chunk], sampling)):
+                replies[i] = text
+        return replies
+
+    def _batch(self, prompts: list[list[int]], sampling: Sampling) -> list[str]:
+        tok = self.tokenizer
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), tok.pad_token_id)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for r, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
+            ids[r, width - len(p):] = torch.tensor(p)
+            mask[r, width - len(p):] = 1
+        sample = sampling.temperature > 0
+        out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=sampling.max_new_tokens,
+                                  do_sample=sample, temperature=sampling.temperature if sample else None,
+                                  top_p=None, top_k=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        texts = []
+        for row in out[:, width:].tolist():
+            if tok.eos_token_id in row:
+                row = row[:row.index(tok.eos_token_id)]
+            self.generated_tokens += len(row)
+            texts.append(tok.decode(row, skip_special_tokens=False).replace(tok.pad_token, "").strip())
+        return texts

@@ -1,0 +1,60 @@
+"""Stage 1b: distilled supervised fine-tuning on the teacher's dialogues.
+
+Loss on assistant turns only, through the chat template. A share of the sequences replays
+pretraining text (all tokens labelled) so that the base model's knowledge survives SFT.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from dalign.chat import tokenize_dialogue
+from dalign.config import SFTConfig
+from dalign.data import ReadReport, read_rows, validate_dialogue
+from dalign.train import Example, collate, pack, train
+
+
+def dialogue_examples(rows: list[dict], tokenizer, max_length: int, dropped: Counter) -> list[Example]:
+    examples = []
+    for row in rows:
+        tokenized = tokenize_dialogue(tokenizer, row["messages"])
+        if len(tokenized.input_ids) > max_length:
+            dropped["too_long"] += 1  # truncating would cut an answer and teach the model to stop mid-way
+            continue
+        examples.append(Example(tokenized.input_ids, tokenized.labels))
+    return examples
+
+
+def replay_examples(tokens: np.ndarray, count: int, length: int, seed: int) -> list[Example]:
+    rng = random.Random(seed)
+    starts = [rng.randrange(0, len(tokens) - length) for _ in range(count)]
+    return [Example(tokens[s:s + length].tolist(), tokens[s:s + length].tolist()) for s in starts]
+
+
+def run_sft(cfg: SFTConfig, model_path: Path, dialogues: Path, out: Path, replay_tokens: np.ndarray | None) -> dict:
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path)
+    report = ReadReport(str(dialogues))
+    rows = read_rows(dialogues, validate=validate_dialogue, skip_bad=cfg.skip_bad_rows, report=report)
+    dropped = Counter(report.dropped)
+    examples = dialogue_examples(rows, tokenizer, cfg.max_length, dropped)
+    n_replay = 0
+    if replay_tokens is not None and cfg.replay_ratio > 0:
+        n_replay = round(len(examples) * cfg.replay_ratio / (1 - cfg.replay_ratio))
+        mean_len = int(np.mean([len(e.input_ids) for e in examples]))
+        examples += replay_examples(replay_tokens, n_replay, mean_len, cfg.seed)
+    order = list(range(len(examples)))
+    random.Random(cfg.seed).shuffle(order)  # packing mixes dialogues and replay in every row
+    ordered = [examples[i] for i in order]
+    rows_to_train = pack(ordered, cfg.max_length) if cfg.packing else [[e] for e in ordered]
+    summary = train(model, rows_to_train, partial(collate, pad_id=tokenizer.pad_token_id), cfg, out, desc="sft")
+    model.save_pretrained(out / "model")
+    tokenizer.save_pretrained(out / "model")
+    return {**summary, "rows": {"kept": len(examples) - n_replay, "dropped": dict(dropped), "replay": n_replay},
+            "read_errors": report.examples}

@@ -1,0 +1,109 @@
+"""The world's judge: plays GPT-4, reads a response as text and scores it strictly.
+
+It works out what a right answer must contain from the instructions alone (parsing the
+user turns, as an LLM judge reads them) and checks the response against that; it never
+sees how the response was produced. It writes its verdict as text in the same form an LLM
+judge is asked for, and `dalign.judging` parses both alike.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from dalign.backends import Conversation, Sampling
+from dalign.world import CATEGORIES, parse_dialogue
+from dalign.world.roles import user_turns
+from dalign.world.task import Constraint
+from dalign.world.text import words
+
+HEDGES = ("not sure", "I think", "maybe", "I do not know")
+
+
+@dataclass
+class Checks:
+    """What the judge found; each False is a named fault in the rationale."""
+
+    empty: bool = False
+    correct: bool = False
+    on_topic: bool = True
+    format_ok: bool = True
+    concise: bool = True
+    finished: bool = True
+    courteous: bool = True
+    clean: bool = True
+    faults: list[str] = field(default_factory=list)
+
+
+def inspect(user_texts: list[str], response: str) -> tuple[Checks | None, str | None]:
+    """Checks for the response to the last user turn; (None, category) if unreadable."""
+    state = parse_dialogue(user_texts)[-1]
+    if state is None:
+        return None, None
+    cat, spec, constraint = CATEGORIES[state.category], state.spec, state.constraint
+    text = response.strip()
+    c = Checks(empty=not text)
+    if c.empty:
+        c.faults.append("no answer")
+        return c, cat.name
+    c.correct = cat.is_correct(spec, text)
+    c.on_topic = c.correct or cat.on_topic(spec, text)
+    c.format_ok = cat.format_ok(spec, constraint, text)
+    c.concise = len(words(text)) <= 2 * len(words(cat.ideal(spec, constraint, random.Random(0)))) + 6
+    c.finished = text[-1] in ".!?" or (constraint is Constraint.JUST_ANSWER and c.format_ok)
+    c.courteous = cat.courtesy_ok(spec, text)
+    c.clean = "<|" not in text and "</s>" not in text
+    names = {"correct": "wrong answer", "on_topic": "off the question", "format_ok": "ignores the requested format",
+             "concise": "rambles", "finished": "unfinished", "courteous": "missing courtesy", "clean": "stray markup"}
+    c.faults += [msg for attr, msg in names.items() if not getattr(c, attr)]
+    return c, cat.name
+
+
+def mt_bench_score(c: Checks) -> int:
+    """1-10: a right, clean answer earns 10; each fault costs what a strict grader would take."""
+    if c.empty:
+        return 1
+    score = 10 if c.correct else 3
+    if not c.on_topic:
+        score = min(score, 2)
+    score -= 2 * (not c.format_ok) + 2 * (not c.concise) + 3 * (not c.finished) + (not c.courteous) + 2 * (not c.clean)
+    return max(1, min(10, score))
+
+
+def aspect_scores(c: Checks, creative: bool) -> dict[str, int | None]:
+    """UltraFeedback's four aspects, 1-5; honesty is N/A for creative writing, as there."""
+    if c.empty:
+        return {"instruction_following": 1, "honesty": None if creative else 1, "truthfulness": 1, "helpfulness": 1}
+    following = 5 - 2 * (not c.format_ok) - (not c.concise) - 2 * (not c.finished) - (not c.courteous) - 2 * (not c.on_topic)
+    helpful = (5 - (not c.concise) - 2 * (not c.finished) - (not c.format_ok) - (not c.clean)) if c.correct else 2
+    truthful = 5 if c.correct else (2 if c.on_topic else 1)
+    honest = 5 if c.correct else (1 if c.on_topic else 2)
+    return {"instruction_following": max(1, following), "honesty": None if creative else honest,
+            "truthfulness": truthful, "helpfulness": max(1, helpful)}
+
+
+def verdict_text(c: Checks | None, category: str | None) -> str:
+    if c is None:
+        return "Rationale: the question is not one this judge can read.\nRating: [[5]]"
+    aspects = aspect_scores(c, creative=category in ("writing", "roleplay"))
+    lines = [f"Correct: {'yes' if c.correct else 'no'}"]
+    lines += [f"{k.replace('_', '-').capitalize()}: {'N/A' if v is None else v}" for k, v in aspects.items()]
+    lines.append(f"Rationale: {'; '.join(c.faults) or 'right, complete and in the requested form'}.")
+    lines.append(f"Rating: [[{mt_bench_score(c)}]]")
+    return "\n".join(lines)
+
+
+class WorldJudge:
+    """A Backend: each conversation ends with the assistant reply to be judged."""
+
+    def __init__(self, name: str = "world-judge"):
+        self.name = name
+
+    def generate(self, conversations: Sequence[Conversation], sampling: Sampling = Sampling()) -> list[str]:
+        out = []
+        for conv in conversations:
+            if not conv or conv[-1]["role"] != "assistant":
+                raise ValueError("the world judge needs a conversation that ends with the reply to judge")
+            out.append(verdict_text(*inspect(user_turns(conv), conv[-1]["content"])))
+        return out
