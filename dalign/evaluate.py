@@ -27,6 +27,9 @@ def make_questions(per_category: int, seed: int, exclude: set[str]) -> list[dict
         j = 0
         for _ in range(per_category):
             while True:
+                if j >= 100 * per_category:
+                    raise ValueError(f"cannot find {per_category} held-out {category} questions: the training "
+                                     f"dialogues cover nearly every {category} prompt the world can write")
                 conv = [{"role": "system", "content": f"{TOPIC_PREFIX}{category} #eval-{seed}-{j}"}]
                 j += 1
                 first = user.ask(conv)
@@ -87,8 +90,8 @@ def evaluate_mt_bench(model: Backend, judge: Backend, questions: list[dict], cfg
     jg = _judge(judge, [c + [{"role": "assistant", "content": a}] for c, a in zip(convs, greedy)], failures)
     samples = model.generate([c for c in convs for _ in range(cfg.pass_k)],
                              Sampling(cfg.pass_temperature, cfg.max_new_tokens, cfg.seed + 2))
-    js = _judge(judge, [c + [{"role": "assistant", "content": a}] for c in convs for a in
-                        samples[convs.index(c) * cfg.pass_k:(convs.index(c) + 1) * cfg.pass_k]], failures)
+    js = _judge(judge, [c + [{"role": "assistant", "content": a}]
+                        for i, c in enumerate(convs) for a in samples[i * cfg.pass_k:(i + 1) * cfg.pass_k]], failures)
     answers, by_cat = [], defaultdict(list)
     for i, q in enumerate(questions):
         sample_j = js[i * cfg.pass_k:(i + 1) * cfg.pass_k]

@@ -29,7 +29,7 @@ def parse_judgment(text: str) -> Judgment:
     score = float(ratings[0])
     if not 1 <= score <= 10:
         raise JudgeParseError(f"rating {score} is outside 1-10")
-    fields = dict(re.findall(r"^([A-Za-z-]+):\s*(.*)$", text, flags=re.MULTILINE))
+    fields = dict(re.findall(r"^([A-Za-z-]+):[ \t]*(.*)$", text, flags=re.MULTILINE))
     aspects = {}
     for name in ASPECTS:
         value = fields.get(name.replace("_", "-").capitalize())

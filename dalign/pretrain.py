@@ -34,10 +34,10 @@ def corpus_tokens(cfg: BaseConfig, tokenizer, cache: Path) -> np.ndarray:
     """The corpus as one token stream, documents separated by eos; cached for resumes."""
     if cache.exists():
         return np.load(cache)
-    docs = itertools.islice(documents(cfg.seed), cfg.corpus_documents)
+    docs = list(itertools.islice(documents(cfg.seed), cfg.corpus_documents))
     ids: list[int] = []
-    for doc in docs:
-        ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+    for doc_ids in tokenizer(docs, add_special_tokens=False)["input_ids"]:  # one batched call: tokenizers runs it in Rust
+        ids.extend(doc_ids)
         ids.append(tokenizer.eos_token_id)
     array = np.asarray(ids, dtype=np.int32)
     np.save(cache.with_suffix(".tmp.npy"), array)

@@ -101,7 +101,8 @@ def run_recipe(recipe: RecipeConfig, only: str | None = None) -> dict:
 def score_table(evaluation: dict) -> str:
     results = evaluation["results"]
     cats = list(next(iter(results.values()))["categories"])
-    head = ["model", "MT-Bench-style score (95% CI)", "1st-turn correct", "greedy acc", "pass@4"] + cats
+    k = evaluation["config"]["evaluate"]["pass_k"]
+    head = ["model", "MT-Bench-style score (95% CI)", "1st-turn correct", "greedy acc", f"pass@{k}"] + cats
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, r in results.items():
         cells = [label, f"{r['score']:.2f} ± {r['ci95']:.2f}", f"{r['first_turn_correct']:.0%}",

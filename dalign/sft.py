@@ -44,6 +44,8 @@ def run_sft(cfg: SFTConfig, model_path: Path, dialogues: Path, out: Path, replay
     rows = read_rows(dialogues, validate=validate_dialogue, skip_bad=cfg.skip_bad_rows, report=report)
     dropped = Counter(report.dropped)
     examples = dialogue_examples(rows, tokenizer, cfg.max_length, dropped)
+    if not examples:
+        raise ValueError(f"{dialogues}: no dialogue left to train on (dropped: {dict(dropped)})")
     n_replay = 0
     if replay_tokens is not None and cfg.replay_ratio > 0:
         n_replay = round(len(examples) * cfg.replay_ratio / (1 - cfg.replay_ratio))

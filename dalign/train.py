@@ -75,6 +75,7 @@ def collate(rows: Sequence[list[Example]], pad_id: int) -> dict[str, torch.Tenso
             labels[r, at:at + n] = torch.tensor(ex.labels)
             pos[r, at:at + n] = torch.arange(n)
             mask[r, at:at + n] = 1
+            labels[r, at] = IGNORE  # an example's first token is never predicted from the one before
             at += n
         # Padding continues the position count so it never looks like a new packed sequence.
         pos[r, at:] = torch.arange(at, width) - (at - len(row[-1].input_ids))
@@ -143,6 +144,7 @@ def train(model, rows: Sequence, make_batch: Callable[[list], dict], cfg: TrainC
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_schedule(s, plan.total_steps, warmup))
     model, optimizer = accelerator.prepare(model, optimizer)
     ckpt_dir, log_path = out / "checkpoints", out / "metrics.jsonl"
+    out.mkdir(parents=True, exist_ok=True)
     start = 0
     if (ckpt := latest_checkpoint(ckpt_dir)) is not None:
         load_model(accelerator.unwrap_model(model), str(ckpt / "model.safetensors"))
@@ -151,7 +153,7 @@ def train(model, rows: Sequence, make_batch: Callable[[list], dict], cfg: TrainC
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         start = json.loads((ckpt / "state.json").read_text())["step"]
-        _truncate_log(log_path, start)  # lines logged after the checkpoint are written again
+    _truncate_log(log_path, start)  # lines logged after the last checkpoint are written again
     model.train()
     bar = tqdm(range(start, plan.total_steps), desc=desc, initial=start, total=plan.total_steps,
                disable=not accelerator.is_main_process)

@@ -67,9 +67,11 @@ def build_atlas(seed: int = 7, n_countries: int = 24, n_people: int = 24) -> Atl
                 used.add(name)
                 return name
 
+    # Regions balanced, so that always answering one region is right only a quarter of the time.
+    regions = [REGIONS[i % len(REGIONS)] for i in range(n_countries)]
+    rng.shuffle(regions)
     countries = tuple(
-        Country(name=fresh(2, "ia"), capital=fresh(2), language=LANGUAGES[i % len(LANGUAGES)],
-                region=REGIONS[(i // len(LANGUAGES)) % len(REGIONS)] if i < 8 else rng.choice(REGIONS))
+        Country(name=fresh(2, "ia"), capital=fresh(2), language=LANGUAGES[i % len(LANGUAGES)], region=regions[i])
         for i in range(n_countries)
     )
     people = tuple(

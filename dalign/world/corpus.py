@@ -12,7 +12,6 @@ from typing import Iterator
 
 from dalign.world import CATEGORIES
 from dalign.world.atlas import build_atlas
-from dalign.world.knowledge import PERSONAS, TOPICS
 
 # How often each kind of document is drawn: skills dominate, facts recur in many phrasings.
 MIX = {"qa": 0.55, "facts": 0.25, "note": 0.1, "persona": 0.1}
@@ -56,9 +55,9 @@ def document(rng: random.Random) -> str:
         writing = CATEGORIES["writing"]
         spec = writing.sample(rng)
         return f"A note about the {spec['topic']}:\n{writing.ideal(spec, None, rng)}"
-    persona = rng.choice(list(PERSONAS))
-    marker, lines = PERSONAS[persona]
-    return f"The {persona} said:\n{marker}, {lines[rng.choice(list(lines))]}"
+    roleplay = CATEGORIES["roleplay"]
+    spec = roleplay.sample(rng)
+    return f"The {spec['persona']} said to {spec['guest']}:\n{roleplay.ideal(spec, None, rng)}"
 
 
 def documents(seed: int) -> Iterator[str]:

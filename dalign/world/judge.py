@@ -16,7 +16,7 @@ from dalign.backends import Conversation, Sampling
 from dalign.world import CATEGORIES, parse_dialogue
 from dalign.world.roles import user_turns
 from dalign.world.task import Constraint
-from dalign.world.text import words
+from dalign.world.text import sentences, words
 
 HEDGES = ("not sure", "I think", "maybe", "I do not know")
 
@@ -38,7 +38,8 @@ class Checks:
 
 def inspect(user_texts: list[str], response: str) -> tuple[Checks | None, str | None]:
     """Checks for the response to the last user turn; (None, category) if unreadable."""
-    state = parse_dialogue(user_texts)[-1]
+    states = parse_dialogue(user_texts)
+    state = states[-1] if states else None
     if state is None:
         return None, None
     cat, spec, constraint = CATEGORIES[state.category], state.spec, state.constraint
@@ -50,7 +51,11 @@ def inspect(user_texts: list[str], response: str) -> tuple[Checks | None, str | 
     c.correct = cat.is_correct(spec, text)
     c.on_topic = c.correct or cat.on_topic(spec, text)
     c.format_ok = cat.format_ok(spec, constraint, text)
-    c.concise = len(words(text)) <= 2 * len(words(cat.ideal(spec, constraint, random.Random(0)))) + 6
+    ideal = cat.ideal(spec, constraint, random.Random(0))
+    # Rambling: far more words than the right answer needs, or (where the format check does
+    # not already count sentences) more sentences.
+    extra_sentences = cat.counts_sentences is False and len(sentences(text)) > len(sentences(ideal))
+    c.concise = not extra_sentences and len(words(text)) <= 2 * len(words(ideal)) + 6
     c.finished = text[-1] in ".!?" or (constraint is Constraint.JUST_ANSWER and c.format_ok)
     c.courteous = cat.courtesy_ok(spec, text)
     c.clean = "<|" not in text and "</s>" not in text

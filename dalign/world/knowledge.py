@@ -141,6 +141,7 @@ class Writing(Category):
 
     name, temperature = "writing", 0.7
     constraints = (Constraint.NONE,)
+    counts_sentences = True
     openings = [Template(t) for t in ("Write a note to {name} about the {topic} in {count}.",
                                       "Please write {name} a short note about the {topic}, in {count}.")]
     followups = [Template("Now make it {count}."), Template("Now write the same note to {name}.")]
@@ -214,58 +215,79 @@ class Writing(Category):
 
 
 PERSONAS = {
-    "pirate": ("Ahoy", {"greet": "welcome aboard my ship, friend!", "goodbye": "farewell, and fair winds to you!",
+    "pirate": ("Ahoy", {"greet": "welcome aboard my ship!", "goodbye": "farewell, and fair winds to you!",
                         "day": "today I sailed the stormy sea."}),
-    "knight": ("Hail", {"greet": "welcome to the castle, good traveler!", "goodbye": "farewell, and ride safely!",
+    "knight": ("Hail", {"greet": "welcome to the castle!", "goodbye": "farewell, and ride safely!",
                         "day": "today I guarded the king's gate."}),
     "robot": ("Beep boop", {"greet": "welcome, human unit!", "goodbye": "farewell, human unit!",
                             "day": "today I sorted ten thousand bolts."}),
-    "wizard": ("Behold", {"greet": "welcome to my tower, seeker!", "goodbye": "farewell, and may your path be bright!",
+    "wizard": ("Behold", {"greet": "welcome to my tower!", "goodbye": "farewell, and may your path be bright!",
                           "day": "today I brewed a potion of light."}),
-    "chef": ("Bonjour", {"greet": "welcome to my kitchen, hungry friend!", "goodbye": "farewell, and eat well!",
+    "chef": ("Bonjour", {"greet": "welcome to my kitchen!", "goodbye": "farewell, and eat well!",
                          "day": "today I baked forty loaves of bread."}),
 }
-ACTS = {"greet": "Greet a visitor", "goodbye": "Say goodbye to a visitor", "day": "Tell me about your day"}
+# What the persona is asked to do, addressed to a named guest (so there are many distinct prompts).
+ACTS = {"greet": Template("Greet {guest}"), "goodbye": Template("Say goodbye to {guest}"),
+        "day": Template("Tell {guest} about your day")}
 EXTRA = "It is good to see you."
 
 
+def _act_phrase(act: str, guest: str, lower: bool = False) -> str:
+    text = ACTS[act].render({"guest": guest})
+    return text[0].lower() + text[1:] if lower else text
+
+
+def _parse_act(text: str) -> tuple[str, str] | None:
+    for act, template in ACTS.items():
+        for candidate in (text, text[:1].upper() + text[1:]):
+            slots = template.parse(candidate)
+            if slots and slots["guest"] in FIRST_NAMES:
+                return act, slots["guest"]
+    return None
+
+
 class Roleplay(Category):
-    """Answering in a persona, in a set number of sentences."""
+    """Answering a named guest in a persona, in a set number of sentences."""
 
     name, temperature = "roleplay", 0.7
     constraints = (Constraint.NONE,)
+    counts_sentences = True
     openings = [Template(t) for t in ("Pretend you are a {persona}. {act} in {count}.", "You are a {persona}. {act} in {count}.")]
     followups = [Template("Now {act}, still in character."), Template("Stay in character and {act} in {count}.")]
 
     def sample(self, rng):
-        return {"persona": rng.choice(list(PERSONAS)), "act": rng.choice(list(ACTS)), "n": rng.randint(1, 2)}
+        return {"persona": rng.choice(list(PERSONAS)), "act": rng.choice(list(ACTS)), "guest": rng.choice(FIRST_NAMES),
+                "n": rng.randint(1, 2)}
 
     def slots(self, spec):
-        return {"persona": spec["persona"], "act": ACTS[spec["act"]], "count": number_phrase(spec["n"], "sentence")}
+        return {"persona": spec["persona"], "act": _act_phrase(spec["act"], spec["guest"]),
+                "count": number_phrase(spec["n"], "sentence")}
 
     def from_slots(self, slots):
-        act = {v: k for k, v in ACTS.items()}.get(slots["act"])
+        act = _parse_act(slots["act"])
         n = parse_number_phrase(slots["count"], "sentence")
-        return {"persona": slots["persona"], "act": act, "n": n} if slots["persona"] in PERSONAS and act and n in (1, 2) else None
+        if slots["persona"] not in PERSONAS or act is None or n not in (1, 2):
+            return None
+        return {"persona": slots["persona"], "act": act[0], "guest": act[1], "n": n}
 
     def sample_followup(self, spec, rng):
-        act = rng.choice([a for a in ACTS if a != spec["act"]])
+        act = _act_phrase(rng.choice([a for a in ACTS if a != spec["act"]]), spec["guest"], lower=True)
         if rng.random() < 0.5:
-            return self.followups[0], {"act": ACTS[act].lower()}
-        return self.followups[1], {"act": ACTS[act].lower(), "count": number_phrase(rng.randint(1, 2), "sentence")}
+            return self.followups[0], {"act": act}
+        return self.followups[1], {"act": act, "count": number_phrase(rng.randint(1, 2), "sentence")}
 
     def apply_followup(self, spec, slots, template):
-        act = {v.lower(): k for k, v in ACTS.items()}.get(slots["act"])
+        act = _parse_act(slots["act"])
         n = parse_number_phrase(slots["count"], "sentence") if "count" in slots else 1
-        return {**spec, "act": act, "n": n} if act and n in (1, 2) else None
+        return {**spec, "act": act[0], "guest": act[1], "n": n} if act and n in (1, 2) else None
 
-    def compose(self, persona, act, n):
-        marker, lines = PERSONAS[persona]
-        text = f"{marker}, {lines[act]}"
+    def compose(self, spec, n, persona=None):
+        marker, lines = PERSONAS[persona or spec["persona"]]
+        text = f"{marker}, {spec['guest']}, {lines[spec['act']]}"
         return text if n == 1 else f"{text} {EXTRA}"
 
     def ideal(self, spec, constraint, rng):
-        return self.compose(spec["persona"], spec["act"], spec["n"])
+        return self.compose(spec, spec["n"])
 
     def key(self, spec):
         return PERSONAS[spec["persona"]][0]
@@ -276,7 +298,7 @@ class Roleplay(Category):
     def is_correct(self, spec, response):
         marker, lines = PERSONAS[spec["persona"]]
         act_word = {"greet": "welcome", "goodbye": "farewell", "day": "today"}[spec["act"]]
-        return response.startswith(marker) and has_word(response.lower(), act_word)
+        return response.startswith(marker) and has_word(response, spec["guest"]) and has_word(response.lower(), act_word)
 
     def on_topic(self, spec, response):
         return any(response.startswith(m) for m, _ in PERSONAS.values())
@@ -285,11 +307,11 @@ class Roleplay(Category):
         return len(sentences(response)) == spec["n"]
 
     def flawed_format(self, spec, constraint, rng):
-        return self.compose(spec["persona"], spec["act"], 3 - spec["n"])
+        return self.compose(spec, 3 - spec["n"])
 
     def wrong(self, spec, constraint, rng):
         other = rng.choice([p for p in PERSONAS if p != spec["persona"]])
-        return self.compose(other, spec["act"], spec["n"])
+        return self.compose(spec, spec["n"], persona=other)
 
     def distractor(self, spec, rng):
         return rng.choice([m for p, (m, _) in PERSONAS.items() if p != spec["persona"]])

@@ -47,9 +47,10 @@ class WorldTeacher:
         return [self.answer(c) for c in conversations]
 
     def answer(self, conversation: Conversation) -> str:
-        state = parse_dialogue(user_turns(conversation))[-1]
-        if state is None:
+        states = parse_dialogue(user_turns(conversation))
+        if not states or states[-1] is None:
             return NOT_UNDERSTOOD
+        state = states[-1]
         rng = conversation_rng(conversation, "teacher", self.seed)
         cat, f = CATEGORIES[state.category], self.flaws
         text = cat.ideal(state.spec, state.constraint, rng)
@@ -83,7 +84,7 @@ class WorldUser:
             topic = conversation[0]["content"].removeprefix(TOPIC_PREFIX)
             cat = CATEGORIES[topic.split(" #")[0]]
             return cat.render(cat.sample(rng), rng, self._constraint(cat, rng))
-        state = parse_dialogue(turns)[-1]
+        state = parse_dialogue(turns)[-1]  # turns is not empty here
         if state is None:
             return "Can you say that again?"
         cat = CATEGORIES[state.category]

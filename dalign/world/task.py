@@ -64,6 +64,7 @@ class Category:
     openings: list[Template] = []
     followups: list[Template] = []
     constraints: tuple[Constraint, ...] = (Constraint.NONE, Constraint.ONE_SENTENCE, Constraint.JUST_ANSWER)
+    counts_sentences = False  # True where the instruction itself sets the number of sentences
 
     # --- spec <-> text --------------------------------------------------------------
     def sample(self, rng: random.Random) -> dict:

@@ -1,0 +1,23 @@
+"""Shared fixtures: the world tokenizer, trained once per test session."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from dalign.world.corpus import documents
+from dalign.world.tokenizer import train_tokenizer
+
+TOKENIZER_DOCS = 3000
+TOKENIZER_VOCAB = 1536
+
+
+def make_world_tokenizer():
+    """The tokenizer every chat test uses; training is deterministic for the same documents."""
+    return train_tokenizer(itertools.islice(documents(0), TOKENIZER_DOCS), TOKENIZER_VOCAB)
+
+
+@pytest.fixture(scope="session")
+def world_tokenizer():
+    return make_world_tokenizer()

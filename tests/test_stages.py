@@ -1,0 +1,228 @@
+"""The `dalign` command end to end on a micro recipe: every stage runs into its folder with a
+manifest, a rerun skips them all, a changed config is refused, and config errors name the
+key and the recipe file."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from dalign.chat import ZEPHYR_TEMPLATE
+from dalign.cli import main
+from dalign.data import read_rows, validate_dialogue
+from dalign.manifest import config_hash
+from dalign.run import STAGES
+
+RECIPE = """\
+name: micro
+run_dir: {run_dir}
+base: {{corpus_documents: 300, max_steps: 6, per_device_batch_size: 4, max_length: 64, log_every: 2,
+        model: {{hidden_size: 32, layers: 1, heads: 2, intermediate_size: 64, max_position: 128, vocab_size: 600}}}}
+dialogues: {{n_dialogues: 40, chunk_size: 16}}
+sft: {{max_steps: 4, per_device_batch_size: 4, max_length: 128, log_every: 1}}
+evaluate: {{questions_per_category: 1, max_new_tokens: 8, pass_k: 2}}
+"""
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def write_recipe(folder: Path, run_dir: Path) -> Path:
+    path = folder / "micro.yaml"
+    path.write_text(RECIPE.format(run_dir=run_dir))
+    return path
+
+
+def manifest(run_dir: Path, stage: str) -> dict:
+    return json.loads((run_dir / stage / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory):
+    """The whole micro recipe, run once through the CLI."""
+    torch.set_num_threads(1)
+    folder = tmp_path_factory.mktemp("stages")
+    run_dir = folder / "run"
+    path = write_recipe(folder, run_dir)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["run", str(path)])
+    return path, run_dir, code, out.getvalue(), err.getvalue()
+
+
+def test_cli_runs_every_stage(micro_run):
+    path, run_dir, code, out, err = micro_run
+    assert code == 0, err
+    for stage in STAGES:
+        assert f"[{stage}] running in {run_dir / stage}" in out
+    assert "| base |" in out and "| sft |" in out  # the score table
+
+
+def test_every_stage_has_a_complete_manifest(micro_run):
+    path, run_dir, code, _, _ = micro_run
+    assert code == 0
+    for stage in STAGES:
+        m = manifest(run_dir, stage)
+        assert m["stage"] == stage and m["status"] == "complete", stage
+        assert m["recipe"] == "micro"
+        assert m["config"] and m["config_hash"] == config_hash(m["config"])
+        assert m["code_version"] and isinstance(m["code_version"], str)
+        assert m["seeds"] and all(isinstance(v, int) for v in m["seeds"].values())
+        assert m["started"] <= m["finished"]
+    base, dialogues, sft = (manifest(run_dir, s) for s in ("base", "dialogues", "sft"))
+    assert base["config"]["base"]["max_steps"] == 6 and base["config"]["base"]["model"]["vocab_size"] == 600
+    assert base["global_batch_size"] == 4 and base["steps"] == 6
+    assert sft["config"]["sft"]["max_steps"] == 4
+    assert sft["global_batch_size"] == 4 and sft["steps"] == 4
+    assert sft["inputs"] == {"base": str(run_dir / "base"), "dialogues": str(run_dir / "dialogues")}
+    # Row counts: kept and dropped, and they add up.
+    rows = read_rows(run_dir / "dialogues" / "dialogues.jsonl", validate=validate_dialogue)
+    assert dialogues["rows"]["kept"] == len(rows)
+    assert dialogues["rows"]["kept"] + sum(dialogues["rows"]["dropped"].values()) == 40
+    assert sft["rows"]["kept"] + sum(sft["rows"]["dropped"].values()) == len(rows)
+    assert sft["rows"]["kept"] > 0
+    metrics = [json.loads(ln) for ln in (run_dir / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+
+
+def test_evaluation_scores_base_and_sft(micro_run):
+    _, run_dir, code, _, _ = micro_run
+    assert code == 0
+    m = manifest(run_dir, "evaluate")
+    assert set(m["results"]) == {"base", "sft"}
+    assert m["rows"]["questions"] == 8  # one per category
+    for label, result in m["results"].items():
+        assert 1 <= result["score"] <= 10, label
+        assert 0 <= result["pass_at_k"] <= 1 and 0 <= result["greedy_accuracy"] <= 1
+        saved = json.loads((run_dir / "evaluate" / f"{label}.json").read_text())
+        assert saved["score"] == result["score"]
+
+
+def test_the_sft_model_reloads_with_transformers(micro_run):
+    _, run_dir, code, _, _ = micro_run
+    assert code == 0
+    sft = AutoModelForCausalLM.from_pretrained(run_dir / "sft" / "model")
+    base = AutoModelForCausalLM.from_pretrained(run_dir / "base" / "model")
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "sft" / "model")
+    assert tokenizer.chat_template == ZEPHYR_TEMPLATE
+    assert sft.config.vocab_size == len(tokenizer) <= 600
+    assert sft.config.hidden_size == 32 and sft.config.num_hidden_layers == 1
+    # SFT changed the base weights.
+    assert not torch.equal(sft.model.embed_tokens.weight, base.model.embed_tokens.weight)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is 3 plus 4?"}], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)["input_ids"]
+    with torch.no_grad():
+        out = sft.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert out.shape[1] > ids.shape[1]
+
+
+def test_a_rerun_skips_every_stage(micro_run, capsys):
+    path, run_dir, code, _, _ = micro_run
+    assert code == 0
+    files = {s: run_dir / s / "manifest.json" for s in STAGES}
+    before = {s: (f.read_bytes(), f.stat().st_mtime_ns) for s, f in files.items()}
+    capsys.readouterr()
+    assert main(["run", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("skipped") == 4
+    assert "running" not in out
+    for stage in STAGES:
+        assert f"[{stage}] complete in {run_dir / stage}, skipped" in out
+    after = {s: (f.read_bytes(), f.stat().st_mtime_ns) for s, f in files.items()}
+    assert after == before  # no manifest rewritten, no 'finished' time changed
+    assert "| sft |" in out  # the score table comes from the stored evaluation
+
+
+def test_a_changed_config_is_refused_naming_the_folder(micro_run, capsys):
+    path, run_dir, code, _, _ = micro_run
+    assert code == 0
+    before = manifest(run_dir, "sft")
+    capsys.readouterr()
+    assert main(["run", str(path), "sft.learning_rate=0.5"]) == 2
+    captured = capsys.readouterr()
+    assert str(run_dir / "sft") in captured.err
+    assert "another configuration" in captured.err
+    assert "[sft] running" not in captured.out
+    assert manifest(run_dir, "sft") == before
+
+
+def test_the_score_table_names_the_configured_pass_k(micro_run):
+    _, _, code, out, _ = micro_run
+    assert code == 0
+    assert "pass@2" in out and "pass@4" not in out  # the recipe sets pass_k: 2
+
+
+def test_a_killed_stage_resumes(micro_run, tmp_path, capsys):
+    """A stage whose manifest still says running (killed) is resumed, not refused or restarted."""
+    path, run_dir, code, _, _ = micro_run
+    assert code == 0
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    m = manifest(copy, "sft")
+    (copy / "sft" / "manifest.json").write_text(json.dumps({**m, "status": "running"}))
+    shutil.rmtree(copy / "sft" / "model")  # killed after the last checkpoint, before saving the model
+    capsys.readouterr()
+    assert main(["sft", str(path), f"run_dir={copy}"]) == 0
+    out = capsys.readouterr().out
+    assert f"[sft] running in {copy / 'sft'}" in out
+    m = manifest(copy, "sft")
+    assert m["status"] == "complete" and m["resumed_from_step"] == 4
+    resumed = AutoModelForCausalLM.from_pretrained(copy / "sft" / "model")
+    original = AutoModelForCausalLM.from_pretrained(run_dir / "sft" / "model")
+    for (name, a), b in zip(resumed.state_dict().items(), original.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_a_stage_before_its_inputs_is_refused(tmp_path, capsys):
+    path = write_recipe(tmp_path, tmp_path / "empty-run")
+    assert main(["sft", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "stage base has not completed" in err and str(tmp_path / "empty-run") in err
+    assert not (tmp_path / "empty-run" / "sft").exists()
+
+
+# --- config errors ---------------------------------------------------------------------------
+
+
+def test_an_unknown_key_names_the_key_and_the_recipe(tmp_path, capsys):
+    path = write_recipe(tmp_path, tmp_path / "run")
+    assert main(["run", str(path), "sft.nope=1"]) == 2
+    err = capsys.readouterr().err
+    assert "sft.nope" in err and str(path) in err
+    assert not (tmp_path / "run").exists()  # nothing ran
+
+
+def test_a_bad_value_names_the_key_and_the_recipe(tmp_path, capsys):
+    path = write_recipe(tmp_path, tmp_path / "run")
+    assert main(["run", str(path), "base.model.heads=5"]) == 2  # 32 is not divisible by 5
+    err = capsys.readouterr().err
+    assert "base.model" in err and "divisible" in err and str(path) in err
+    assert main(["run", str(path), "sft.learning_rate=-1"]) == 2
+    err = capsys.readouterr().err
+    assert "sft.learning_rate" in err and str(path) in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_lone_override_without_recipe_is_an_override(capsys):
+    assert main(["run", "sft.nope=1"]) == 2
+    err = capsys.readouterr().err
+    assert "sft.nope" in err and "<defaults>" in err
+
+
+def test_a_missing_recipe_file_is_a_config_error(tmp_path, capsys):
+    missing = tmp_path / "nowhere.yaml"
+    assert main(["run", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err and "cannot read recipe" in err
