@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
+import torch
 
 from dalign.world.corpus import documents
 from dalign.world.tokenizer import train_tokenizer
@@ -21,3 +22,11 @@ def make_world_tokenizer():
 @pytest.fixture(scope="session")
 def world_tokenizer():
     return make_world_tokenizer()
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

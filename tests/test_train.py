@@ -26,11 +26,8 @@ TINY = ModelShape(hidden_size=32, layers=2, heads=2, intermediate_size=64, max_p
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Training tests run on one thread: results do not depend on the core count."""
 
 
 def tiny_model(tokenizer, seed: int = 0):
