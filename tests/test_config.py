@@ -28,7 +28,7 @@ def test_defaults():
     recipe = load_recipe(None)
     assert recipe == RecipeConfig()
     assert recipe.name == "offline" and recipe.run_dir == "runs/offline"
-    assert recipe.sft.learning_rate == 1e-3 and recipe.base.learning_rate == 3e-3  # BaseConfig overrides the LR
+    assert recipe.sft.learning_rate == 2e-3 and recipe.base.learning_rate == 3e-3  # BaseConfig overrides the LR
     assert recipe.dialogues.min_turns <= recipe.dialogues.max_turns
     assert recipe.base.model.hidden_size % recipe.base.model.heads == 0
     assert isinstance(recipe.teacher, TeacherConfig) and isinstance(recipe.sft, SFTConfig)
@@ -71,7 +71,7 @@ def test_overrides_win_over_the_yaml_file(tmp_path):
 
 def test_loading_does_not_share_state_between_recipes():
     first = load_recipe(None, ["sft.learning_rate=5e-4"])
-    assert load_recipe(None).sft.learning_rate == 1e-3 and first.sft.learning_rate == 5e-4
+    assert load_recipe(None).sft.learning_rate == 2e-3 and first.sft.learning_rate == 5e-4
     first.sft.learning_rate = 0.25
     assert RecipeConfig().sft.learning_rate == 1e-3
     with pytest.raises(ValidationError):  # assignments are validated too
