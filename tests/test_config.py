@@ -73,7 +73,7 @@ def test_loading_does_not_share_state_between_recipes():
     first = load_recipe(None, ["sft.learning_rate=5e-4"])
     assert load_recipe(None).sft.learning_rate == 2e-3 and first.sft.learning_rate == 5e-4
     first.sft.learning_rate = 0.25
-    assert RecipeConfig().sft.learning_rate == 1e-3
+    assert RecipeConfig().sft.learning_rate == 2e-3
     with pytest.raises(ValidationError):  # assignments are validated too
         first.sft.learning_rate = -1.0
 
