@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from dalign.chat import ZEPHYR_TEMPLATE
 from dalign.config import BaseConfig
 from dalign.train import Example, collate, train
 from dalign.world.corpus import documents
@@ -57,7 +58,7 @@ def run_pretrain(cfg: BaseConfig, out: Path) -> dict:
         tokenizer = PreTrainedTokenizerFast.from_pretrained(tok_dir)
     else:
         sample = itertools.islice(documents(cfg.seed + 1), 20000)
-        tokenizer = train_tokenizer(sample, cfg.model.vocab_size)
+        tokenizer = train_tokenizer(sample, cfg.model.vocab_size, cfg.chat_template or ZEPHYR_TEMPLATE)
         tokenizer.save_pretrained(tok_dir)
     tokens = corpus_tokens(cfg, tokenizer, out / "corpus_tokens.npy")
     rows = blocks(tokens, cfg.max_length)
