@@ -26,7 +26,11 @@ def parser() -> argparse.ArgumentParser:
     _recipe_args(sub.add_parser("pretrain", help="train the offline world's base model from scratch"))
     gen = sub.add_parser("generate", help="generate data with a teacher").add_subparsers(dest="what", required=True)
     _recipe_args(gen.add_parser("dialogues", help="UltraChat-style dialogues from seed topics (dSFT data)"))
+    _recipe_args(gen.add_parser("completions", help="completions of AI-feedback prompts by an ensemble"))
     _recipe_args(sub.add_parser("sft", help="distilled supervised fine-tuning on the dialogues"))
+    _recipe_args(sub.add_parser("rate", help="the teacher rates each prompt's completions on four aspects"))
+    _recipe_args(sub.add_parser("binarize", help="rated completions into chosen/rejected preference pairs"))
+    _recipe_args(sub.add_parser("dpo", help="distilled DPO on the pairs, the dSFT model as reference"))
     ev = sub.add_parser("evaluate", help="evaluate models").add_subparsers(dest="what", required=True)
     _recipe_args(ev.add_parser("mt-bench", help="MT-Bench-style two-turn questions graded 1-10 by the judge"))
     return top
@@ -38,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     recipe_path, overrides = args.recipe, list(args.overrides)
     if recipe_path and "=" in recipe_path and not recipe_path.endswith((".yaml", ".yml")):
         recipe_path, overrides = None, [recipe_path] + overrides
-    stage = {"run": None, "pretrain": "base", "generate": "dialogues", "sft": "sft", "evaluate": "evaluate"}[args.command]
+    stage = {"run": None, "pretrain": "base", "sft": "sft", "evaluate": "evaluate", "rate": "ratings",
+             "binarize": "pairs", "dpo": "dpo"}.get(args.command) or getattr(args, "what", None)
     try:
         recipe = load_recipe(recipe_path, overrides)
         manifests = run_recipe(recipe, only=stage)

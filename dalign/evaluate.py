@@ -16,32 +16,20 @@ from dalign.backends import Backend, Sampling
 from dalign.config import EvalConfig
 from dalign.judging import JudgeParseError, parse_judgment
 from dalign.world import CATEGORIES
-from dalign.world.roles import TOPIC_PREFIX, WorldTeacher, WorldUser
+from dalign.world.roles import WorldTeacher, WorldUser, fresh_openings
 
 
 def make_questions(per_category: int, seed: int, exclude: set[str]) -> list[dict]:
-    """Held-out questions: first turns never seen in the training dialogues, no repeats."""
+    """Held-out two-turn questions in MT-Bench's format, with the teacher's reference answers."""
     user, reference = WorldUser(seed=seed), WorldTeacher()
-    rows, seen = [], set(exclude)
-    for category in CATEGORIES:
-        j = 0
-        for _ in range(per_category):
-            while True:
-                if j >= 100 * per_category:
-                    raise ValueError(f"cannot find {per_category} held-out {category} questions: the training "
-                                     f"dialogues cover nearly every {category} prompt the world can write")
-                conv = [{"role": "system", "content": f"{TOPIC_PREFIX}{category} #eval-{seed}-{j}"}]
-                j += 1
-                first = user.ask(conv)
-                if first not in seen:
-                    break
-            seen.add(first)
-            conv.append({"role": "user", "content": first})
-            conv.append({"role": "assistant", "content": reference.answer(conv[1:])})
-            second = user.ask(conv)
-            ref2 = reference.answer(conv[1:] + [{"role": "user", "content": second}])
-            rows.append({"question_id": len(rows) + 1, "category": category, "turns": [first, second],
-                         "reference": [conv[-1]["content"], ref2]})
+    rows = []
+    for category, first in fresh_openings(per_category, seed, "eval", exclude):
+        conv = [{"role": "user", "content": first}]
+        conv.append({"role": "assistant", "content": reference.answer(conv)})
+        second = user.ask([{"role": "system", "content": ""}] + conv)
+        ref2 = reference.answer(conv + [{"role": "user", "content": second}])
+        rows.append({"question_id": len(rows) + 1, "category": category, "turns": [first, second],
+                     "reference": [conv[-1]["content"], ref2]})
     return rows
 
 

@@ -2,7 +2,7 @@
 
 From each seed topic the user simulator opens a dialogue and asks follow-ups; the teacher
 answers every turn. Dialogues are made in chunks, each written whole to its own part
-file, so a killed run resumes at the first missing part and no row is lost or doubled.
+file (`dalign.parts`), so a killed run resumes at the first missing part.
 Empty, duplicate and over-long dialogues are dropped and counted by reason.
 """
 
@@ -17,7 +17,8 @@ from pathlib import Path
 from dalign.backends import Backend, Sampling
 from dalign.chat import render
 from dalign.config import DialoguesConfig
-from dalign.data import read_rows, write_rows
+from dalign.data import write_rows
+from dalign.parts import in_parts
 from dalign.world.roles import seed_topics
 
 
@@ -44,36 +45,25 @@ def _make_chunk(topics: list[str], cfg: DialoguesConfig, user: Backend, teacher:
 
 def run_dialogues(cfg: DialoguesConfig, tokenizer, user: Backend, teacher: Backend, out: Path) -> dict:
     topics = seed_topics(cfg.n_dialogues, cfg.seed)
-    parts = out / "parts"
-    parts.mkdir(parents=True, exist_ok=True)
     seen: set[str] = set()
-    dropped: Counter = Counter()
-    kept_total = 0
-    for k, start in enumerate(range(0, len(topics), cfg.chunk_size)):
-        part, stats = parts / f"part-{k:05d}.jsonl", parts / f"part-{k:05d}.stats.json"
-        chunk = topics[start:start + cfg.chunk_size]
-        if part.exists() and stats.exists():  # the part file is written last: it marks the chunk done
-            rows = read_rows(part)
-            dropped.update(json.loads(stats.read_text()))
-            seen.update(_fingerprint(r["messages"]) for r in rows)
-            kept_total += len(rows)
-            continue
-        rows, chunk_dropped = [], Counter()
+
+    def make_chunk(start: int, end: int) -> tuple[list[dict], Counter]:
+        rows, dropped = [], Counter()
+        chunk = topics[start:end]
         for index, (topic, messages) in enumerate(zip(chunk, _make_chunk(chunk, cfg, user, teacher)), start):
             reason = _reject(messages, seen, tokenizer, cfg.max_tokens)
             if reason:
-                chunk_dropped[reason] += 1
+                dropped[reason] += 1
                 continue
             seen.add(_fingerprint(messages))
             rows.append({"id": f"dialogue-{cfg.seed}-{index}", "messages": messages, "topic": topic,
                          "teacher": teacher.name, "user_simulator": user.name})
-        stats.write_text(json.dumps(chunk_dropped))
-        write_rows(part, rows)
-        dropped.update(chunk_dropped)
-        kept_total += len(rows)
-    all_rows = [row for part in sorted(parts.glob("part-*.jsonl")) for row in read_rows(part)]
-    write_rows(out / "dialogues.jsonl", all_rows)
-    return {"rows": {"kept": kept_total, "dropped": dict(dropped)}, "topics": len(topics),
+        return rows, dropped
+
+    rows, dropped = in_parts(len(topics), cfg.chunk_size, out, make_chunk,
+                             on_rows=lambda rs: seen.update(_fingerprint(r["messages"]) for r in rs))
+    write_rows(out / "dialogues.jsonl", rows)
+    return {"rows": {"kept": len(rows), "dropped": dict(dropped)}, "topics": len(topics),
             "teacher": teacher.name, "user_simulator": user.name}
 
 

@@ -13,18 +13,34 @@ from pathlib import Path
 import numpy as np
 from transformers import AutoTokenizer
 
+from dalign.backends import Sampling
+from dalign.binarize import binarize
+from dalign.completions import Member, run_completions
 from dalign.config import RecipeConfig
-from dalign.data import read_rows
+from dalign.data import read_rows, write_rows
+from dalign.dpo import run_dpo
 from dalign.evaluate import evaluate_mt_bench, make_questions
 from dalign.generate import run_dialogues
 from dalign.generation import LocalModel
 from dalign.manifest import Stage
 from dalign.pretrain import run_pretrain
+from dalign.rate import run_rating
 from dalign.sft import run_sft
-from dalign.world.judge import WorldJudge
-from dalign.world.roles import Flaws, WorldTeacher, WorldUser
+from dalign.winrate import win_rate
+from dalign.world.judge import WorldComparer, WorldJudge, WorldRater
+from dalign.world.roles import Flaws, WorldTeacher, WorldUser, fresh_openings
 
-STAGES = ("base", "dialogues", "sft", "evaluate")
+# Each stage, the stages it reads from, and the recipe sections that configure it.
+STAGES = {
+    "base": ((), ("base",)),
+    "dialogues": (("base",), ("dialogues", "teacher")),
+    "sft": (("base", "dialogues"), ("sft",)),
+    "completions": (("base", "dialogues", "sft"), ("completions",)),
+    "ratings": (("completions",), ("rating",)),
+    "pairs": (("ratings",), ("pairs",)),
+    "dpo": (("sft", "pairs"), ("dpo",)),
+    "evaluate": (("base", "dialogues", "sft", "completions", "dpo"), ("evaluate",)),
+}
 
 
 class MissingInputError(RuntimeError):
@@ -32,18 +48,11 @@ class MissingInputError(RuntimeError):
 
 
 def _stage(recipe: RecipeConfig, name: str) -> Stage:
-    configs = {"base": {"base": recipe.base.model_dump()},
-               "dialogues": {"dialogues": recipe.dialogues.model_dump(), "teacher": recipe.teacher.model_dump()},
-               "sft": {"sft": recipe.sft.model_dump()},
-               "evaluate": {"evaluate": recipe.evaluate.model_dump()}}
-    return Stage(recipe.run_dir, name, configs[name])
+    return Stage(recipe.run_dir, name, {s: getattr(recipe, s).model_dump(mode="json") for s in STAGES[name][1]})
 
 
-def _need(recipe: RecipeConfig, name: str) -> Path:
-    stage = _stage(recipe, name)
-    if not stage.done():
-        raise MissingInputError(f"stage {name} has not completed in {recipe.run_dir}; run it first (dalign run)")
-    return stage.dir
+def _flaws(teacher) -> Flaws:
+    return Flaws(**teacher.model_dump(exclude={"seed"}))
 
 
 def run_stage(recipe: RecipeConfig, name: str) -> dict:
@@ -51,61 +60,134 @@ def run_stage(recipe: RecipeConfig, name: str) -> dict:
     if stage.done():
         print(f"[{name}] complete in {stage.dir}, skipped")
         return stage.read()
-    inputs = {n: str(_need(recipe, n)) for n in STAGES[:STAGES.index(name)] if n != "evaluate"}
+    inputs = {}
+    for needed in STAGES[name][0]:
+        if not _stage(recipe, needed).done():
+            raise MissingInputError(f"stage {needed} has not completed in {recipe.run_dir}; run it first (dalign run)")
+        inputs[needed] = _stage(recipe, needed).dir
     stage.start()
     print(f"[{name}] running in {stage.dir}")
-    common = {"recipe": recipe.name, "inputs": inputs}
-    if name == "base":
-        facts = run_pretrain(recipe.base, stage.dir)
-        return stage.finish(**common, seeds={"weights_and_data": recipe.base.seed}, **facts)
-    if name == "dialogues":
-        tokenizer = AutoTokenizer.from_pretrained(Path(inputs["base"]) / "model")
-        teacher = WorldTeacher(Flaws(**recipe.teacher.model_dump(exclude={"seed"})), seed=recipe.teacher.seed)
-        facts = run_dialogues(recipe.dialogues, tokenizer, WorldUser(seed=recipe.dialogues.seed), teacher, stage.dir)
-        return stage.finish(**common, seeds={"topics": recipe.dialogues.seed, "teacher": recipe.teacher.seed}, **facts)
-    if name == "sft":
-        base = Path(inputs["base"])
-        facts = run_sft(recipe.sft, base / "model", Path(inputs["dialogues"]) / "dialogues.jsonl", stage.dir,
-                        np.load(base / "corpus_tokens.npy"))
-        return stage.finish(**common, seeds={"data_order": recipe.sft.seed}, **facts)
-    return stage.finish(**common, seeds={"questions_and_sampling": recipe.evaluate.seed}, **_evaluate(recipe, stage, inputs))
+    facts = RUNNERS[name](recipe, stage.dir, inputs)
+    return stage.finish(recipe=recipe.name, inputs={k: str(v) for k, v in inputs.items()}, **facts)
 
 
-def _evaluate(recipe: RecipeConfig, stage: Stage, inputs: dict) -> dict:
+def _base(recipe, out, inputs):
+    return {"seeds": {"weights_and_data": recipe.base.seed}, **run_pretrain(recipe.base, out)}
+
+
+def _dialogues(recipe, out, inputs):
+    tokenizer = AutoTokenizer.from_pretrained(inputs["base"] / "model")
+    teacher = WorldTeacher(_flaws(recipe.teacher), seed=recipe.teacher.seed)
+    facts = run_dialogues(recipe.dialogues, tokenizer, WorldUser(seed=recipe.dialogues.seed), teacher, out)
+    return {"seeds": {"topics": recipe.dialogues.seed, "teacher": recipe.teacher.seed}, **facts}
+
+
+def _sft(recipe, out, inputs):
+    facts = run_sft(recipe.sft, inputs["base"] / "model", inputs["dialogues"] / "dialogues.jsonl", out,
+                    np.load(inputs["base"] / "corpus_tokens.npy"))
+    return {"seeds": {"data_order": recipe.sft.seed}, **facts}
+
+
+def _sft_prompts(inputs) -> set[str]:
+    return {r["messages"][0]["content"] for r in read_rows(inputs["dialogues"] / "dialogues.jsonl")}
+
+
+def _completions(recipe, out, inputs):
+    cfg = recipe.completions
+    # Small categories (a 24-person atlas) may run out of prompts the dSFT data did not use.
+    openings = fresh_openings(-(-cfg.n_prompts // 8), cfg.seed, "aif", _sft_prompts(inputs), strict=False)[:cfg.n_prompts]
+    prompts = [{"prompt_id": f"aif-{cfg.seed}-{i}", "category": cat, "prompt": [{"role": "user", "content": text}]}
+               for i, (cat, text) in enumerate(openings)]
+    members = []
+    for m in cfg.members:
+        if m.flaws is not None:
+            backend = WorldTeacher(_flaws(m.flaws), seed=m.flaws.seed, name=m.name)
+        else:
+            backend = LocalModel.load(inputs[m.model] / "model" if m.model in inputs else m.model)
+        members.append(Member(m.name, backend, Sampling(m.temperature, cfg.max_new_tokens, cfg.seed)))
+    facts = run_completions(prompts, members, cfg.per_prompt, cfg.principles, cfg.chunk_size, cfg.seed, out)
+    per_category = {c: sum(p["category"] == c for p in prompts) for c in dict.fromkeys(p["category"] for p in prompts)}
+    return {"seeds": {"prompts_and_members": cfg.seed}, "prompts_per_category": per_category, **facts}
+
+
+def _ratings(recipe, out, inputs):
+    rows = read_rows(inputs["completions"] / "completions.jsonl")
+    return {"seeds": {"shown_order": recipe.rating.seed},
+            **run_rating(rows, WorldRater(), recipe.rating.retries, recipe.rating.chunk_size, recipe.rating.seed, out)}
+
+
+def _pairs(recipe, out, inputs):
+    cfg = recipe.pairs
+    train, test, dropped = binarize(read_rows(inputs["ratings"] / "ratings.jsonl"), cfg.rejection, cfg.seed, cfg.test_fraction)
+    write_rows(out / "train.jsonl", train)
+    write_rows(out / "test.jsonl", test)
+    differ = sum(r["score_chosen"] > r["score_rejected"] for r in train + test)
+    return {"seeds": {"picks_and_split": cfg.seed}, "rows": {"kept": len(train) + len(test), "dropped": dict(dropped)},
+            "train": len(train), "test": len(test), "share_scores_differ": differ / max(1, len(train) + len(test))}
+
+
+def _dpo(recipe, out, inputs):
+    sft = inputs["sft"] / "model"
+    return {"seeds": {"data_order": recipe.dpo.seed}, **run_dpo(recipe.dpo, sft, sft, inputs["pairs"] / "train.jsonl", out)}
+
+
+def _evaluate(recipe, out, inputs):
     cfg = recipe.evaluate
-    seen = {r["messages"][0]["content"] for r in read_rows(Path(inputs["dialogues"]) / "dialogues.jsonl")}
+    seen = _sft_prompts(inputs) | {r["prompt"][-1]["content"] for r in read_rows(inputs["completions"] / "completions.jsonl")}
     questions = make_questions(cfg.questions_per_category, cfg.seed, exclude=seen)
-    judge, summary = WorldJudge(), {}
-    for label in ("base", "sft"):
-        out = stage.dir / f"{label}.json"
-        if not out.exists():  # each model's results are written whole; a rerun skips finished ones
-            model = LocalModel.load(Path(inputs[label]) / "model", batch_size=cfg.batch_size)
+    instructions = [text for _, text in fresh_openings(cfg.win_rate_instructions // 8, cfg.seed, "winrate", seen)]
+    judge, comparer, summary = WorldJudge(), WorldComparer(), {}
+    greedy = Sampling(0.0, cfg.max_new_tokens, cfg.seed)
+    for label in ("base", "sft", "dpo"):
+        # Each model's results are written whole; a rerun skips the finished ones.
+        model = None
+        if not (out / f"{label}.json").exists():
+            model = LocalModel.load(inputs[label] / "model", batch_size=cfg.batch_size)
             result = evaluate_mt_bench(model, judge, questions, cfg)
             result["generated_tokens"] = model.generated_tokens
-            tmp = out.with_suffix(".tmp")
-            tmp.write_text(json.dumps(result, indent=1))
-            tmp.replace(out)
-        result = json.loads(out.read_text())
+            _write_json(out / f"{label}.json", result)
+        if not (out / f"answers_{label}.json").exists():
+            model = model or LocalModel.load(inputs[label] / "model", batch_size=cfg.batch_size)
+            _write_json(out / f"answers_{label}.json",
+                        model.generate([[{"role": "user", "content": i}] for i in instructions], greedy))
+        result = json.loads((out / f"{label}.json").read_text())
         summary[label] = {k: result[k] for k in ("score", "ci95", "first_turn_correct", "greedy_accuracy", "pass_at_k",
                                                   "categories", "judge_failures", "questions")}
-    return {"judge": judge.name, "results": summary, "rows": {"questions": len(questions)}}
+    reference = json.loads((out / "answers_sft.json").read_text())
+    for label in ("base", "dpo"):
+        result = win_rate(instructions, json.loads((out / f"answers_{label}.json").read_text()), reference, comparer)
+        _write_json(out / f"win_rate_{label}_vs_sft.json", result)
+        summary[label]["win_rate_vs_sft"] = {k: result[k] for k in ("win_rate", "ci95", "length_controlled_win_rate",
+                                                                    "wins", "ties", "losses", "judge_failures")}
+    return {"seeds": {"questions_and_sampling": cfg.seed}, "judge": judge.name, "comparer": comparer.name,
+            "results": summary, "rows": {"questions": len(questions), "win_rate_instructions": len(instructions)}}
+
+
+def _write_json(path: Path, value) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value, indent=1))
+    tmp.replace(path)
+
+
+RUNNERS = {"base": _base, "dialogues": _dialogues, "sft": _sft, "completions": _completions, "ratings": _ratings,
+           "pairs": _pairs, "dpo": _dpo, "evaluate": _evaluate}
 
 
 def run_recipe(recipe: RecipeConfig, only: str | None = None) -> dict:
-    manifests = {}
-    for name in STAGES if only is None else (only,):
-        manifests[name] = run_stage(recipe, name)
-    return manifests
+    return {name: run_stage(recipe, name) for name in (STAGES if only is None else (only,))}
 
 
 def score_table(evaluation: dict) -> str:
     results = evaluation["results"]
     cats = list(next(iter(results.values()))["categories"])
     k = evaluation["config"]["evaluate"]["pass_k"]
-    head = ["model", "MT-Bench-style score (95% CI)", "1st-turn correct", "greedy acc", f"pass@{k}"] + cats
+    head = ["model", "MT-Bench-style score (95% CI)", "win rate vs dSFT (LC)", "1st-turn correct", "greedy acc",
+            f"pass@{k}"] + cats
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, r in results.items():
-        cells = [label, f"{r['score']:.2f} ± {r['ci95']:.2f}", f"{r['first_turn_correct']:.0%}",
+        w = r.get("win_rate_vs_sft")
+        wins = f"{w['win_rate']:.1%} ± {w['ci95']:.1%} ({w['length_controlled_win_rate'] or float('nan'):.1%})" if w else "-"
+        cells = [label, f"{r['score']:.2f} ± {r['ci95']:.2f}", wins, f"{r['first_turn_correct']:.0%}",
                  f"{r['greedy_accuracy']:.0%}", f"{r['pass_at_k']:.0%}"]
         cells += [f"{r['categories'][c]['score']:.1f} ({r['categories'][c]['first_turn_correct']:.0%})" for c in cats]
         lines.append("| " + " | ".join(cells) + " |")

@@ -16,7 +16,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 from accelerate import Accelerator
@@ -95,6 +95,27 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     return loss, int((targets != IGNORE).sum())
 
 
+class Objective(Protocol):
+    """What a stage trains for. The loop averages the loss over `count` units of the whole
+    step (label tokens for SFT, pairs for DPO), however it is split into micro-batches."""
+
+    def count(self, batch: dict) -> int: ...
+
+    def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss summed over the batch's units, and metrics summed likewise (for the log)."""
+        ...
+
+
+class TokenObjective:
+    """Next-token cross-entropy on labelled tokens (pretraining and SFT)."""
+
+    def count(self, batch: dict) -> int:
+        return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+    def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        return token_loss_sum(model, batch)[0], {}
+
+
 class Plan:
     """Which rows each optimizer step sees: an epoch-seeded shuffle cut into global batches."""
 
@@ -135,7 +156,7 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 
 def train(model, rows: Sequence, make_batch: Callable[[list], dict], cfg: TrainConfig, out: Path,
-          loss_fn: Callable = token_loss_sum, desc: str = "train") -> dict:
+          objective: Objective = TokenObjective(), desc: str = "train") -> dict:
     """Train `model` on `rows` (collated by `make_batch`); returns a summary for the manifest."""
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     plan = Plan(rows, cfg, accelerator.num_processes, accelerator.process_index)
@@ -160,18 +181,20 @@ def train(model, rows: Sequence, make_batch: Callable[[list], dict], cfg: TrainC
     window_tokens, window_start = 0, time.perf_counter()
     for step in bar:
         micro = [make_batch(rows) for rows in plan.micro_batches(step)]
-        # Normalise by the label tokens of the whole step, on every process, so that each
-        # token weighs the same however the batch is split into micro-batches.
-        n_local = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
+        # Normalise by the units (tokens, pairs) of the whole step, on every process, so that
+        # each unit weighs the same however the batch is split into micro-batches.
+        n_local = sum(objective.count(b) for b in micro)
         n_total = int(accelerator.reduce(torch.tensor(n_local), reduction="sum"))
-        loss_total = 0.0
+        loss_total, metric_totals = 0.0, {}
         for i, batch in enumerate(micro):
             sync = accelerator.no_sync(model) if i < len(micro) - 1 else contextlib.nullcontext()
             with sync:
-                loss_sum, _ = loss_fn(model, batch)
-                # DDP averages gradients over processes; multiply back so the sum is per token.
+                loss_sum, metrics = objective.loss(model, batch)
+                # DDP averages gradients over processes; multiply back so the sum is per unit.
                 accelerator.backward(loss_sum * accelerator.num_processes / max(1, n_total))
             loss_total += loss_sum.item()
+            for k, v in metrics.items():
+                metric_totals[k] = metric_totals.get(k, 0.0) + v
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
@@ -182,7 +205,8 @@ def train(model, rows: Sequence, make_batch: Callable[[list], dict], cfg: TrainC
             elapsed = time.perf_counter() - window_start
             line = {"step": done, "loss": loss_total / max(1, n_local), "lr": scheduler.get_last_lr()[0],
                     "grad_norm": float(grad_norm), "tokens_per_second": window_tokens / elapsed,
-                    "epoch": done / plan.steps_per_epoch}
+                    "epoch": done / plan.steps_per_epoch,
+                    **{k: v / max(1, n_local) for k, v in metric_totals.items()}}
             with log_path.open("a") as f:
                 f.write(json.dumps(line) + "\n")
             bar.set_postfix(loss=f"{line['loss']:.3f}")

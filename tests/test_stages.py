@@ -27,7 +27,9 @@ base: {{corpus_documents: 300, max_steps: 6, per_device_batch_size: 4, max_lengt
         model: {{hidden_size: 32, layers: 1, heads: 2, intermediate_size: 64, max_position: 128, vocab_size: 600}}}}
 dialogues: {{n_dialogues: 40, chunk_size: 16}}
 sft: {{max_steps: 4, per_device_batch_size: 4, max_length: 128, log_every: 1}}
-evaluate: {{questions_per_category: 1, max_new_tokens: 8, pass_k: 2}}
+completions: {{n_prompts: 16, chunk_size: 8, max_new_tokens: 8}}
+dpo: {{max_steps: 2, per_device_batch_size: 4, max_length: 128}}
+evaluate: {{questions_per_category: 1, max_new_tokens: 8, pass_k: 2, win_rate_instructions: 8}}
 """
 
 
@@ -98,13 +100,17 @@ def test_evaluation_scores_base_and_sft(micro_run):
     _, run_dir, code, _, _ = micro_run
     assert code == 0
     m = manifest(run_dir, "evaluate")
-    assert set(m["results"]) == {"base", "sft"}
+    assert set(m["results"]) == {"base", "sft", "dpo"}
     assert m["rows"]["questions"] == 8  # one per category
     for label, result in m["results"].items():
         assert 1 <= result["score"] <= 10, label
         assert 0 <= result["pass_at_k"] <= 1 and 0 <= result["greedy_accuracy"] <= 1
         saved = json.loads((run_dir / "evaluate" / f"{label}.json").read_text())
         assert saved["score"] == result["score"]
+    for label in ("base", "dpo"):
+        wins = m["results"][label]["win_rate_vs_sft"]
+        assert wins["wins"] + wins["ties"] + wins["losses"] + wins["judge_failures"] == m["rows"]["win_rate_instructions"] == 8
+        assert 0 <= wins["win_rate"] <= 1
 
 
 def test_the_sft_model_reloads_with_transformers(micro_run):
@@ -133,7 +139,7 @@ def test_a_rerun_skips_every_stage(micro_run, capsys):
     capsys.readouterr()
     assert main(["run", str(path)]) == 0
     out = capsys.readouterr().out
-    assert out.count("skipped") == 4
+    assert out.count("skipped") == len(STAGES)
     assert "running" not in out
     for stage in STAGES:
         assert f"[{stage}] complete in {run_dir / stage}, skipped" in out

@@ -112,3 +112,59 @@ class WorldJudge:
                 raise ValueError("the world judge needs a conversation that ends with the reply to judge")
             out.append(verdict_text(*inspect(user_turns(conv), conv[-1]["content"])))
         return out
+
+
+class WorldRater:
+    """A Backend that reads UltraFeedback-style rating requests (dalign/prompts/rate.txt)
+    and rates each response on the four aspects, as the teacher does in AI feedback."""
+
+    def __init__(self, name: str = "world-rater"):
+        self.name = name
+
+    def generate(self, conversations: Sequence[Conversation], sampling: Sampling = Sampling()) -> list[str]:
+        from dalign.rate import read_rating_prompt  # the request format belongs to the rating stage
+
+        out = []
+        for conv in conversations:
+            request = read_rating_prompt(conv[-1]["content"])
+            if request is None:
+                out.append("I cannot read this request.")
+                continue
+            instruction, responses = request
+            blocks = []
+            for k, response in enumerate(responses, 1):
+                checks, category = inspect([instruction], response)
+                aspects = aspect_scores(checks, category in ("writing", "roleplay")) if checks else dict.fromkeys(ASPECT_KEYS)
+                lines = [f"Response {k}"]
+                lines += [f"{a.replace('_', '-').capitalize()}: {'N/A' if v is None else v}" for a, v in aspects.items()]
+                why = ("; ".join(checks.faults) or "right, complete and in the requested form") if checks else "unreadable"
+                lines.append(f"Rationale: {why}.")
+                blocks.append("\n".join(lines))
+            out.append("\n\n".join(blocks))
+        return out
+
+
+ASPECT_KEYS = ("instruction_following", "honesty", "truthfulness", "helpfulness")
+
+
+class WorldComparer:
+    """A Backend that reads pairwise comparison requests (dalign/prompts/compare.txt) and
+    prefers the answer the judge scores higher; equal scores are a tie."""
+
+    def __init__(self, name: str = "world-comparer"):
+        self.name = name
+
+    def generate(self, conversations: Sequence[Conversation], sampling: Sampling = Sampling()) -> list[str]:
+        from dalign.winrate import read_comparison_prompt  # the request format belongs to the win-rate stage
+
+        out = []
+        for conv in conversations:
+            request = read_comparison_prompt(conv[-1]["content"])
+            if request is None:
+                out.append("I cannot read this request.")
+                continue
+            instruction, a, b = request
+            scores = [mt_bench_score(c) if c else 5 for c, _ in (inspect([instruction], a), inspect([instruction], b))]
+            verdict = "(a)" if scores[0] > scores[1] else "(b)" if scores[1] > scores[0] else "tie"
+            out.append(f"Output (a) scores {scores[0]} and output (b) {scores[1]}.\nPreferred: {verdict}")
+        return out

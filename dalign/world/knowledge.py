@@ -14,9 +14,14 @@ class Stem(Category):
 
     name, temperature = "stem", 0.1
     ASK = {"capital": ("What is the capital of {country}?", "Name the capital of {country}.",
-                       "Which city is the capital of {country}?"),
-           "language": ("Which language is spoken in {country}?", "What language do people in {country} speak?"),
-           "region": ("In which part of the world is {country}?", "Where in the world is {country}?")}
+                       "Which city is the capital of {country}?", "Tell me the capital of {country}.",
+                       "What city is {country}'s capital?", "I need the capital of {country}."),
+           "language": ("Which language is spoken in {country}?", "What language do people in {country} speak?",
+                        "Name the language of {country}.", "What is the main language of {country}?",
+                        "Tell me which language {country} uses."),
+           "region": ("In which part of the world is {country}?", "Where in the world is {country}?",
+                      "Which part of the world is {country} in?", "Tell me where {country} lies.",
+                      "Is {country} in the north, south, east or west?")}
     openings = [Template(t) for ts in ASK.values() for t in ts]
     _relation = {t: rel for rel, ts in ASK.items() for t in ts}
     followups = [Template("What about {country}?"), Template("And what is its {relation}?")]
@@ -77,8 +82,11 @@ class Humanities(Category):
     """The atlas's people: what they did and where they were born."""
 
     name, temperature = "humanities", 0.1
-    openings = [Template(t) for t in ("What was {person}'s profession?", "What did {person} do for a living?",
-                                      "Where was {person} born?", "Which country was {person} born in?")]
+    PROFESSION = ("What was {person}'s profession?", "What did {person} do for a living?", "Tell me {person}'s job.",
+                  "What kind of work did {person} do?", "Name the profession of {person}.")
+    COUNTRY = ("Where was {person} born?", "Which country was {person} born in?", "Tell me where {person} was born.",
+               "In which country was {person} born?", "Name the birthplace of {person}.")
+    openings = [Template(t) for t in PROFESSION + COUNTRY]
     followups = [Template("Where was that person born?"), Template("What was that person's profession?"),
                  Template("What about {person}?")]
 
@@ -89,7 +97,8 @@ class Humanities(Category):
         return {"person": spec["person"]}
 
     def render(self, spec, rng, constraint):
-        pool = self.openings[:2] if spec["relation"] == "profession" else self.openings[2:]
+        n = len(self.PROFESSION)
+        pool = self.openings[:n] if spec["relation"] == "profession" else self.openings[n:]
         return rng.choice(pool).render(self.slots(spec)) + constraint.value
 
     def parse(self, text):
@@ -97,7 +106,7 @@ class Humanities(Category):
         for i, template in enumerate(self.openings):
             slots = template.parse(core)
             if slots and build_atlas().person(slots["person"]):
-                return {"person": slots["person"], "relation": "profession" if i < 2 else "country"}, constraint
+                return {"person": slots["person"], "relation": "profession" if i < len(self.PROFESSION) else "country"}, constraint
         return None
 
     def sample_followup(self, spec, rng):

@@ -100,3 +100,25 @@ def seed_topics(n: int, seed: int, categories: Sequence[str] | None = None) -> l
     """n seed topics, cycling through the categories; '#k' makes each one distinct."""
     cats = list(categories or CATEGORIES)
     return [f"{TOPIC_PREFIX}{cats[i % len(cats)]} #{seed}-{i}" for i in range(n)]
+
+
+def fresh_openings(per_category: int, seed: int, tag: str, exclude: set[str], strict: bool = True) -> list[tuple[str, str]]:
+    """(category, first user turn) pairs never seen in `exclude` nor repeated; each one found
+    is added to `exclude`, so several calls draw disjoint sets (training, feedback, test).
+
+    A category whose prompts run out raises if `strict`, else yields fewer."""
+    user, found = WorldUser(seed=seed), []
+    for category in CATEGORIES:
+        got = 0
+        for j in range(20 * per_category + 1000):  # bounded: a small category can run out
+            if got == per_category:
+                break
+            first = user.ask([{"role": "system", "content": f"{TOPIC_PREFIX}{category} #{tag}-{seed}-{j}"}])
+            if first not in exclude:
+                exclude.add(first)
+                found.append((category, first))
+                got += 1
+        if got < per_category and strict:
+            raise ValueError(f"cannot find {per_category} new {category} prompts: earlier stages already "
+                             f"use nearly every {category} prompt the world can write")
+    return found

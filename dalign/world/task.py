@@ -38,7 +38,7 @@ class Template:
     def __init__(self, text: str):
         self.text = text
         parts = re.split(r"\{(\w+)\}", text)
-        pattern = "".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>.+?)" for i, p in enumerate(parts))
+        pattern = "".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>.*?)" for i, p in enumerate(parts))
         self.regex = re.compile(pattern, re.DOTALL)
 
     def render(self, slots: dict) -> str:

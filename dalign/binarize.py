@@ -1,0 +1,68 @@
+"""Binarization: from rated completions to (chosen, rejected) pairs, as UltraFeedback was binarized.
+
+`chosen` is the completion with the highest mean aspect score. `rejected` follows a rule:
+the paper's `random` (any other completion, ties included, for diversity), `random_lower`
+(only strictly lower-rated ones; prompts where all tie are dropped) or `worst`. Each prompt's
+choice is seeded by its id, so the result does not depend on order or on resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections import Counter
+from enum import Enum
+
+
+class Rejection(str, Enum):
+    RANDOM = "random"
+    RANDOM_LOWER = "random_lower"
+    WORST = "worst"
+
+    @property
+    def allows_ties(self) -> bool:
+        return self is Rejection.RANDOM
+
+
+def _rng(seed: int, key: str) -> random.Random:
+    return random.Random(int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big"))
+
+
+def binarize_row(row: dict, rule: Rejection, seed: int) -> tuple[dict | None, str | None]:
+    """One preference row from one rated prompt, or (None, reason it was dropped)."""
+    rated = [c for c in row["completions"] if c.get("score") is not None]
+    if len(rated) < 2:
+        return None, "fewer_than_two_rated"
+    rng = _rng(seed, str(row["prompt_id"]))
+    best = max(c["score"] for c in rated)
+    chosen = rng.choice([c for c in rated if c["score"] == best])
+    others = [c for c in rated if c is not chosen]
+    if rule is Rejection.RANDOM:
+        rejected = rng.choice(others)
+    else:
+        lower = [c for c in others if c["score"] < chosen["score"]]
+        if not lower:
+            return None, "all_tied"
+        worst = min(c["score"] for c in lower)
+        rejected = rng.choice(lower if rule is Rejection.RANDOM_LOWER else [c for c in lower if c["score"] == worst])
+    return {"prompt_id": row["prompt_id"], "prompt": row["prompt"],
+            "chosen": [{"role": "assistant", "content": chosen["text"]}],
+            "rejected": [{"role": "assistant", "content": rejected["text"]}],
+            "score_chosen": chosen["score"], "score_rejected": rejected["score"],
+            "chosen_model": chosen.get("model"), "rejected_model": rejected.get("model")}, None
+
+
+def is_test(prompt_id: str, fraction: float, seed: int) -> bool:
+    """Seeded hold-out by prompt id: stable whatever the order or number of rows."""
+    return _rng(seed, f"split:{prompt_id}").random() < fraction
+
+
+def binarize(rows: list[dict], rule: Rejection, seed: int, test_fraction: float) -> tuple[list[dict], list[dict], Counter]:
+    train, test, dropped = [], [], Counter()
+    for row in rows:
+        pair, reason = binarize_row(row, rule, seed)
+        if pair is None:
+            dropped[reason] += 1
+        else:
+            (test if is_test(str(row["prompt_id"]), test_fraction, seed) else train).append(pair)
+    return train, test, dropped

@@ -1,0 +1,145 @@
+"""Stage 2b: distilled DPO on preference pairs, the dSFT model as frozen reference.
+
+The loop is the shared one (`dalign.train.train`) with a preference objective. Reference
+log-probs are computed once, before training, and stored with a hash of the reference
+weights and the pairs that produced them, so a resumed or repeated run reuses them and a
+changed input never silently does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from dalign.chat import IGNORE, TemplateError, prompt_ids, tokenize_dialogue
+from dalign.config import DPOConfig
+from dalign.data import read_rows, validate_preference
+from dalign.losses import PreferenceLoss, preference_loss
+from dalign.train import Example, collate, train
+
+
+@dataclass
+class Pair:
+    chosen: Example
+    rejected: Example
+    ref_chosen: float = 0.0
+    ref_rejected: float = 0.0
+
+
+def completion_example(tokenizer, prompt: list[dict], completion: list[dict]) -> Example:
+    """Prompt + completion tokens with labels on the completion only. The prompt's tokens
+    must be exactly a prefix of the whole, or the log-probs would score the wrong tokens."""
+    head = prompt_ids(tokenizer, prompt)
+    whole = tokenize_dialogue(tokenizer, prompt + completion)
+    if whole.input_ids[:len(head)] != head:
+        raise TemplateError("the tokenized prompt is not a prefix of prompt + completion")
+    return Example(whole.input_ids, [IGNORE] * len(head) + whole.labels[len(head):])
+
+
+def make_pairs(rows: list[dict], tokenizer, max_length: int, dropped: Counter) -> list[Pair]:
+    pairs = []
+    for row in rows:
+        chosen = completion_example(tokenizer, row["prompt"], row["chosen"])
+        rejected = completion_example(tokenizer, row["prompt"], row["rejected"])
+        if max(len(chosen.input_ids), len(rejected.input_ids)) > max_length:
+            dropped["too_long"] += 1
+            continue
+        pairs.append(Pair(chosen, rejected))
+    return pairs
+
+
+def collate_pairs(pairs: list[Pair], pad_id: int) -> dict:
+    """Chosen rows first, then rejected rows, in one batch of 2B sequences."""
+    batch = collate([[p.chosen] for p in pairs] + [[p.rejected] for p in pairs], pad_id)
+    batch["ref_chosen"] = torch.tensor([p.ref_chosen for p in pairs], dtype=torch.float64)
+    batch["ref_rejected"] = torch.tensor([p.ref_rejected for p in pairs], dtype=torch.float64)
+    return batch
+
+
+def sequence_logps(model, batch: dict, mean: bool = False) -> torch.Tensor:
+    """Sum (or mean) of log p(token) over each row's labelled tokens, shape (rows,)."""
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    logits = model(**inputs, use_cache=False).logits[:, :-1].float()  # (B, T-1, V)
+    targets = batch["labels"][:, 1:]
+    mask = targets != IGNORE
+    token_logps = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    total = (token_logps * mask).sum(-1)
+    return total / mask.sum(-1).clamp(min=1) if mean else total
+
+
+class PreferenceObjective:
+    """The loop's objective for DPO and its variants: averaged over pairs."""
+
+    def __init__(self, beta: float, variant: PreferenceLoss):
+        self.beta, self.variant = beta, variant
+
+    def count(self, batch: dict) -> int:
+        return len(batch["ref_chosen"])
+
+    def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        n = self.count(batch)
+        logps = sequence_logps(model, batch, mean=self.variant.length_normalized)
+        chosen, rejected = logps[:n], logps[n:]
+        losses, r_chosen, r_rejected = preference_loss(chosen, rejected, batch["ref_chosen"].to(chosen.dtype),
+                                                       batch["ref_rejected"].to(chosen.dtype), self.beta, self.variant)
+        margin = r_chosen - r_rejected
+        return losses.sum(), {"rewards/chosen": r_chosen.sum().item(), "rewards/rejected": r_rejected.sum().item(),
+                              "rewards/margin": margin.sum().item(), "rewards/accuracy": (margin > 0).sum().item(),
+                              "logps/chosen": chosen.detach().sum().item(), "logps/rejected": rejected.detach().sum().item()}
+
+
+def _file_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def reference_logps(reference_path: Path, pairs: list[Pair], pairs_path: Path, cfg: DPOConfig, cache: Path,
+                    pad_id: int) -> str:
+    """Fill each pair's reference log-probs, from the cache when it was made from the same inputs."""
+    key = hashlib.sha256(json.dumps({"weights": _file_hash(reference_path / "model.safetensors"),
+                                     "pairs": _file_hash(pairs_path), "max_length": cfg.max_length,
+                                     "mean": cfg.loss.length_normalized}).encode()).hexdigest()
+    if cache.exists() and (stored := json.loads(cache.read_text()))["key"] == key:
+        values = stored["logps"]
+    else:
+        model = AutoModelForCausalLM.from_pretrained(reference_path).eval()
+        values = []
+        for start in range(0, len(pairs), cfg.per_device_batch_size):
+            chunk = pairs[start:start + cfg.per_device_batch_size]
+            logps = sequence_logps(model, collate_pairs(chunk, pad_id), mean=cfg.loss.length_normalized)
+            values += [[float(logps[i]), float(logps[len(chunk) + i])] for i in range(len(chunk))]
+        tmp = cache.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"key": key, "logps": values}))
+        tmp.replace(cache)
+    for pair, (c, r) in zip(pairs, values):
+        pair.ref_chosen, pair.ref_rejected = c, r
+    return key
+
+
+def run_dpo(cfg: DPOConfig, policy_path: Path, reference_path: Path, pairs_path: Path, out: Path) -> dict:
+    tokenizer = AutoTokenizer.from_pretrained(policy_path)
+    rows = read_rows(pairs_path, validate=validate_preference)
+    dropped: Counter = Counter()
+    pairs = make_pairs(rows, tokenizer, cfg.max_length, dropped)
+    if not pairs:
+        raise ValueError(f"{pairs_path}: no preference pair left to train on (dropped: {dict(dropped)})")
+    out.mkdir(parents=True, exist_ok=True)
+    ref_key = reference_logps(reference_path, pairs, pairs_path, cfg, out / "reference_logps.json",
+                              tokenizer.pad_token_id)
+    model = AutoModelForCausalLM.from_pretrained(policy_path)
+    summary = train(model, pairs, lambda chunk: collate_pairs(chunk, tokenizer.pad_token_id), cfg, out,
+                    objective=PreferenceObjective(cfg.beta, cfg.loss), desc="dpo")
+    model.save_pretrained(out / "model")
+    tokenizer.save_pretrained(out / "model")
+    return {**summary, "rows": {"kept": len(pairs), "dropped": dict(dropped)}, "reference": str(reference_path),
+            "reference_logps_key": ref_key}

@@ -1,0 +1,98 @@
+"""AlpacaEval-style pairwise win rate, judged in both orders, with a length-controlled rate.
+
+For each instruction the judge compares the model's answer with a reference model's,
+once with the model's answer first and once second. A win counts only if the verdict
+follows the answer when it moves; a verdict that follows the position (or a tie) counts
+as a tie, worth half a win. This removes the judge's position bias from the score.
+
+Length control: longer answers win more often whatever their quality. We fit a logistic
+model of each outcome on the standardised length difference, tanh((len_model - len_ref)
+/ sd), and report the win rate it predicts at zero length difference, in the spirit of
+AlpacaEval 2's length-controlled win rate.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from importlib.resources import files
+from typing import Sequence
+
+import numpy as np
+
+from dalign.backends import Backend, Sampling
+from dalign.evaluate import mean_ci
+from dalign.world.task import Template
+
+TEMPLATE = (files("dalign") / "prompts" / "compare.txt").read_text()
+
+
+class VerdictParseError(ValueError):
+    """A comparison reply without exactly one 'Preferred: (a)|(b)|tie' line."""
+
+
+def comparison_prompt(instruction: str, output_a: str, output_b: str) -> list[dict]:
+    return [{"role": "user", "content": TEMPLATE.format(instruction=instruction, output_a=output_a, output_b=output_b)}]
+
+
+def read_comparison_prompt(text: str) -> tuple[str, str, str] | None:
+    """The inverse of `comparison_prompt`, for judges that read the prompt as text (the world's)."""
+    slots = Template(TEMPLATE.strip()).parse(text.strip())
+    return (slots["instruction"], slots["output_a"], slots["output_b"]) if slots else None
+
+
+def parse_verdict(text: str) -> str:
+    found = re.findall(r"^Preferred:\s*(\(a\)|\(b\)|tie)\s*$", text, flags=re.MULTILINE)
+    if len(found) != 1:
+        raise VerdictParseError(f"expected one 'Preferred: (a)|(b)|tie' line, found {len(found)}")
+    return found[0].strip("()")
+
+
+def outcome(model_first: str, model_second: str) -> float:
+    """1 win, 0 loss, 0.5 tie, from the verdicts with the model's answer shown as (a), then as (b)."""
+    if model_first == "a" and model_second == "b":
+        return 1.0
+    if model_first == "b" and model_second == "a":
+        return 0.0
+    return 0.5
+
+
+def length_controlled(outcomes: Sequence[float], length_diffs: Sequence[float], steps: int = 500) -> float:
+    """Win rate at zero length difference under a logistic fit on tanh(standardised difference)."""
+    y = np.asarray(outcomes, dtype=float)
+    d = np.asarray(length_diffs, dtype=float)
+    x = np.tanh(d / (d.std() or 1.0))
+    theta = np.zeros(2)
+    for _ in range(steps):  # Newton's method on the (soft-label) logistic likelihood
+        p = 1 / (1 + np.exp(-(theta[0] + theta[1] * x)))
+        grad = np.array([(y - p).sum(), ((y - p) * x).sum()])
+        w = p * (1 - p) + 1e-9
+        hess = np.array([[w.sum(), (w * x).sum()], [(w * x).sum(), (w * x * x).sum()]]) + 1e-6 * np.eye(2)
+        step = np.linalg.solve(hess, grad)
+        theta += step
+        if np.abs(step).max() < 1e-10:
+            break
+    return float(1 / (1 + math.exp(-theta[0])))
+
+
+def win_rate(instructions: Sequence[str], model_answers: Sequence[str], reference_answers: Sequence[str],
+             judge: Backend) -> dict:
+    first = [comparison_prompt(i, m, r) for i, m, r in zip(instructions, model_answers, reference_answers)]
+    second = [comparison_prompt(i, r, m) for i, m, r in zip(instructions, model_answers, reference_answers)]
+    replies = judge.generate(first + second, Sampling(0.0))
+    items, failures = [], 0
+    for k, instruction in enumerate(instructions):
+        try:
+            v1, v2 = parse_verdict(replies[k]), parse_verdict(replies[len(instructions) + k])
+        except VerdictParseError:
+            failures += 1
+            continue
+        items.append({"instruction": instruction, "model": model_answers[k], "reference": reference_answers[k],
+                      "verdicts": [v1, v2], "outcome": outcome(v1, v2),
+                      "raw": [replies[k], replies[len(instructions) + k]]})
+    outcomes = [it["outcome"] for it in items]
+    rate, half = mean_ci(outcomes)
+    diffs = [len(it["model"].split()) - len(it["reference"].split()) for it in items]
+    return {"win_rate": rate, "ci95": half, "length_controlled_win_rate": length_controlled(outcomes, diffs) if items else None,
+            "wins": outcomes.count(1.0), "ties": outcomes.count(0.5), "losses": outcomes.count(0.0),
+            "judge_failures": failures, "judge": judge.name, "items": items}

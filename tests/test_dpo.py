@@ -1,0 +1,152 @@
+"""dDPO: the preference objective in the shared loop, reference log-probs, exact resume."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from dalign.chat import IGNORE, TemplateError
+from dalign.config import DPOConfig, ModelShape
+from dalign.data import write_rows
+from dalign.dpo import PreferenceObjective, collate_pairs, completion_example, run_dpo, sequence_logps
+from dalign.losses import PreferenceLoss
+from dalign.pretrain import build_model
+from dalign.world import CATEGORIES
+from dalign.world.roles import WorldTeacher, WorldUser, seed_topics
+
+TINY = ModelShape(hidden_size=32, layers=2, heads=2, intermediate_size=64, max_position=128)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    """Training tests run on one thread: results do not depend on the core count."""
+
+
+def world_pairs(n: int, seed: int = 0) -> list[dict]:
+    """Prompt, the teacher's right answer as chosen, a well-formed wrong one as rejected."""
+    user, teacher, rows = WorldUser(seed=seed), WorldTeacher(seed=seed), []
+    for i, topic in enumerate(seed_topics(n, seed)):
+        question = user.generate([[{"role": "system", "content": topic}]])[0]
+        prompt = [{"role": "user", "content": question}]
+        cat = CATEGORIES[topic.split()[1]]
+        spec, constraint = cat.parse(question)
+        rows.append({"prompt_id": f"p{i}", "prompt": prompt, "chosen": [{"role": "assistant", "content": teacher.answer(prompt)}],
+                     "rejected": [{"role": "assistant", "content": cat.wrong(spec, constraint, random.Random(i))}]})
+    return rows
+
+
+@pytest.fixture
+def setup(tmp_path, world_tokenizer):
+    model = build_model(TINY, world_tokenizer, seed=0)
+    model.save_pretrained(tmp_path / "sft")
+    world_tokenizer.save_pretrained(tmp_path / "sft")
+    write_rows(tmp_path / "pairs.jsonl", world_pairs(16))
+    return tmp_path
+
+
+def margins(model_path, pairs_path, tokenizer):
+    """Policy-minus-reference log-ratio margins of every pair, from saved files."""
+    from transformers import AutoModelForCausalLM
+    from dalign.data import read_rows
+    from dalign.dpo import Pair
+    model = AutoModelForCausalLM.from_pretrained(model_path).eval()
+    rows = read_rows(pairs_path)
+    pairs = [Pair(completion_example(tokenizer, r["prompt"], r["chosen"]),
+                  completion_example(tokenizer, r["prompt"], r["rejected"])) for r in rows]
+    with torch.no_grad():
+        logps = sequence_logps(model, collate_pairs(pairs, tokenizer.pad_token_id))
+    return logps[:len(pairs)] - logps[len(pairs):]
+
+
+def test_dpo_raises_the_chosen_over_the_rejected(setup, world_tokenizer):
+    cfg = DPOConfig(max_steps=15, learning_rate=1e-2, beta=0.5, per_device_batch_size=8, checkpoint_every=100, log_every=1)
+    summary = run_dpo(cfg, setup / "sft", setup / "sft", setup / "pairs.jsonl", setup / "dpo")
+    before = margins(setup / "sft", setup / "pairs.jsonl", world_tokenizer)
+    after = margins(setup / "dpo" / "model", setup / "pairs.jsonl", world_tokenizer)
+    assert (after - before).mean() > 1.0  # implicit reward margin grew
+    assert (after > before).float().mean() >= 0.9
+    log = [json.loads(line) for line in (setup / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    assert log[0]["rewards/accuracy"] <= 0.5 < log[-1]["rewards/accuracy"]
+    assert log[-1]["loss"] < log[0]["loss"] < 0.7  # starts near log 2 (policy == reference)
+    assert summary["rows"] == {"kept": 16, "dropped": {}}
+
+
+def test_first_step_loss_is_log_two_when_policy_equals_reference(setup, world_tokenizer):
+    from dalign.dpo import make_pairs, reference_logps
+    from collections import Counter
+    from dalign.data import read_rows
+    cfg = DPOConfig(per_device_batch_size=4)
+    pairs = make_pairs(read_rows(setup / "pairs.jsonl"), world_tokenizer, 256, Counter())
+    reference_logps(setup / "sft", pairs, setup / "pairs.jsonl", cfg, setup / "ref.json", world_tokenizer.pad_token_id)
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(setup / "sft")
+    loss, metrics = PreferenceObjective(0.1, PreferenceLoss.SIGMOID).loss(model, collate_pairs(pairs[:4], world_tokenizer.pad_token_id))
+    assert loss.item() / 4 == pytest.approx(0.6931472, abs=1e-5)
+    assert metrics["rewards/margin"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_reference_logps_are_cached_by_what_made_them(setup, world_tokenizer):
+    cfg = DPOConfig(max_steps=1, checkpoint_every=100)
+    run_dpo(cfg, setup / "sft", setup / "sft", setup / "pairs.jsonl", setup / "dpo")
+    cache = setup / "dpo" / "reference_logps.json"
+    first = json.loads(cache.read_text())
+    assert len(first["logps"]) == 16 and all(c < 0 and r < 0 for c, r in first["logps"])
+    # A different reference gives a different key and different values.
+    other = build_model(TINY, world_tokenizer, seed=1)
+    other.save_pretrained(setup / "other")
+    world_tokenizer.save_pretrained(setup / "other")
+    run_dpo(cfg, setup / "sft", setup / "other", setup / "pairs.jsonl", setup / "dpo2")
+    second = json.loads((setup / "dpo2" / "reference_logps.json").read_text())
+    assert second["key"] != first["key"] and second["logps"] != first["logps"]
+
+
+def test_completion_labels_cover_the_completion_only(world_tokenizer):
+    prompt = [{"role": "user", "content": "What is 3 plus 4?"}]
+    ex = completion_example(world_tokenizer, prompt, [{"role": "assistant", "content": "3 plus 4 is 7."}])
+    labelled = [t for t, l in zip(ex.input_ids, ex.labels) if l != IGNORE]
+    assert world_tokenizer.decode(labelled) == "3 plus 4 is 7.</s>"
+
+
+def test_a_prompt_that_is_not_a_token_prefix_is_refused(world_tokenizer):
+    tok = world_tokenizer
+    original = tok.chat_template
+    # A template that writes the generation prompt differently from a finished turn.
+    tok.chat_template = original.replace("{{ '<|assistant|>\n' }}", "{{ '<|assistant|> ' }}")
+    assert tok.chat_template != original
+    try:
+        with pytest.raises(TemplateError):
+            completion_example(tok, [{"role": "user", "content": "Hi."}], [{"role": "assistant", "content": "Hello."}])
+    finally:
+        tok.chat_template = original
+
+
+def test_dpo_resumes_exactly(setup, monkeypatch):
+    cfg = DPOConfig(max_steps=4, checkpoint_every=2, learning_rate=1e-2, per_device_batch_size=4,
+                    gradient_accumulation=2)
+    run_dpo(cfg, setup / "sft", setup / "sft", setup / "pairs.jsonl", setup / "straight")
+
+    class Killed(Exception):
+        pass
+
+    calls = {"n": 0}
+    original = PreferenceObjective.loss
+
+    def dying(self, model, batch):
+        calls["n"] += 1
+        if calls["n"] > 2 * 2 + 1:  # dies inside step 3, after the step-2 checkpoint
+            raise Killed
+        return original(self, model, batch)
+
+    monkeypatch.setattr(PreferenceObjective, "loss", dying)
+    with pytest.raises(Killed):
+        run_dpo(cfg, setup / "sft", setup / "sft", setup / "pairs.jsonl", setup / "resumed")
+    monkeypatch.setattr(PreferenceObjective, "loss", original)
+    summary = run_dpo(cfg, setup / "sft", setup / "sft", setup / "pairs.jsonl", setup / "resumed")
+    assert summary["resumed_from_step"] == 2
+    from safetensors.torch import load_file
+    a = load_file(setup / "straight" / "model" / "model.safetensors")
+    b = load_file(setup / "resumed" / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in (setup / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps))
