@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from dalign.config import ConfigError, load_recipe
 from dalign.data import RowError
@@ -33,11 +34,25 @@ def parser() -> argparse.ArgumentParser:
     _recipe_args(sub.add_parser("dpo", help="distilled DPO on the pairs, the dSFT model as reference"))
     ev = sub.add_parser("evaluate", help="evaluate models").add_subparsers(dest="what", required=True)
     _recipe_args(ev.add_parser("mt-bench", help="MT-Bench-style two-turn questions graded 1-10 by the judge"))
+    rep = sub.add_parser("report", help="Markdown and HTML report of one or more run directories")
+    rep.add_argument("runs", nargs="+", help="run directories (each with a completed evaluation)")
+    rep.add_argument("--out", help="folder for report.md, report.html and the charts (default: RUN/report)")
     return top
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command == "report":
+        from dalign.report import write_report  # matplotlib is only needed here
+
+        runs = [Path(r) for r in args.runs]
+        try:
+            path = write_report(runs, Path(args.out) if args.out else runs[0] / "report")
+        except FileNotFoundError as err:
+            print(f"dalign: error: {err}", file=sys.stderr)
+            return 2
+        print(f"report written to {path} and {path.with_suffix('.html')}")
+        return 0
     # A recipe path is optional, so a lone key=value lands in `recipe`: put it back with the overrides.
     recipe_path, overrides = args.recipe, list(args.overrides)
     if recipe_path and "=" in recipe_path and not recipe_path.endswith((".yaml", ".yml")):
@@ -52,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if "evaluate" in manifests:
         print("\n" + score_table(manifests["evaluate"]))
+        if args.command == "run":
+            from dalign.report import write_report
+
+            path = write_report([Path(recipe.run_dir)], Path(recipe.run_dir) / "report")
+            print(f"\nreport: {path} and {path.with_suffix('.html')}")
     return 0
 
 

@@ -213,6 +213,21 @@ class DPOConfig(TrainConfig):
     """Pairs per micro-batch on each process (each pair is two sequences)."""
 
 
+class DPOVariant(Strict):
+    """One dDPO run of the recipe; several make the paper's ablation (Table 3) from shared stages."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
+    """Short name; the run's folder is dpo-<name>."""
+    start: str = Field("sft", pattern="^(sft|base)$")
+    """Model DPO starts from and uses as frozen reference: 'sft' (the recipe) or 'base' (the no-SFT ablation)."""
+    epochs: float = Field(1.0, gt=0)
+    """Passes over the preference pairs."""
+
+
+def _default_variants() -> list[DPOVariant]:
+    return [DPOVariant(name="1ep", epochs=1), DPOVariant(name="3ep", epochs=3), DPOVariant(name="base", start="base", epochs=1)]
+
+
 class EvalConfig(Strict):
     questions_per_category: int = Field(12, ge=1)
     """Held-out two-turn questions per category (MT-Bench has 10)."""
@@ -250,7 +265,9 @@ class RecipeConfig(Strict):
     pairs: PairsConfig = PairsConfig()
     """AI feedback, part 3: binarization into preference pairs."""
     dpo: DPOConfig = DPOConfig()
-    """Distilled DPO on the pairs, the dSFT model as reference."""
+    """Distilled DPO on the pairs: hyperparameters shared by every variant."""
+    variants: list[DPOVariant] = Field(default_factory=_default_variants, min_length=1)
+    """dDPO runs to make and compare: the first is the recipe's model, the rest are ablations."""
     evaluate: EvalConfig = EvalConfig()
     """MT-Bench-style evaluation in the world."""
 

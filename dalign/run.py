@@ -30,17 +30,29 @@ from dalign.winrate import win_rate
 from dalign.world.judge import WorldComparer, WorldJudge, WorldRater
 from dalign.world.roles import Flaws, WorldTeacher, WorldUser, fresh_openings
 
-# Each stage, the stages it reads from, and the recipe sections that configure it.
-STAGES = {
+# Each fixed stage, the stages it reads from, and the recipe sections that configure it.
+# dDPO stages (one per variant, dpo-<name>) and the evaluation are added by `plan`.
+FIXED = {
     "base": ((), ("base",)),
     "dialogues": (("base",), ("dialogues", "teacher")),
     "sft": (("base", "dialogues"), ("sft",)),
     "completions": (("base", "dialogues", "sft"), ("completions",)),
     "ratings": (("completions",), ("rating",)),
     "pairs": (("ratings",), ("pairs",)),
-    "dpo": (("sft", "pairs"), ("dpo",)),
-    "evaluate": (("base", "dialogues", "sft", "completions", "dpo"), ("evaluate",)),
 }
+
+
+def plan(recipe: RecipeConfig) -> dict[str, tuple[tuple[str, ...], dict]]:
+    """Every stage of the recipe in order: the stages it reads and its own config."""
+    stages = {name: (needs, {s: getattr(recipe, s).model_dump(mode="json") for s in sections})
+              for name, (needs, sections) in FIXED.items()}
+    dpo_names = []
+    for v in recipe.variants:
+        dpo_names.append(f"dpo-{v.name}")
+        stages[dpo_names[-1]] = ((v.start, "pairs"), {"dpo": recipe.dpo.model_dump(mode="json"), "variant": v.model_dump()})
+    stages["evaluate"] = (("base", "dialogues", "sft", "completions", *dpo_names),
+                          {"evaluate": recipe.evaluate.model_dump(mode="json")})
+    return stages
 
 
 class MissingInputError(RuntimeError):
@@ -48,7 +60,7 @@ class MissingInputError(RuntimeError):
 
 
 def _stage(recipe: RecipeConfig, name: str) -> Stage:
-    return Stage(recipe.run_dir, name, {s: getattr(recipe, s).model_dump(mode="json") for s in STAGES[name][1]})
+    return Stage(recipe.run_dir, name, plan(recipe)[name][1])
 
 
 def _flaws(teacher) -> Flaws:
@@ -61,13 +73,13 @@ def run_stage(recipe: RecipeConfig, name: str) -> dict:
         print(f"[{name}] complete in {stage.dir}, skipped")
         return stage.read()
     inputs = {}
-    for needed in STAGES[name][0]:
+    for needed in plan(recipe)[name][0]:
         if not _stage(recipe, needed).done():
             raise MissingInputError(f"stage {needed} has not completed in {recipe.run_dir}; run it first (dalign run)")
         inputs[needed] = _stage(recipe, needed).dir
     stage.start()
     print(f"[{name}] running in {stage.dir}")
-    facts = RUNNERS[name](recipe, stage.dir, inputs)
+    facts = RUNNERS[name.split("-")[0]](recipe, stage.dir, inputs, *name.split("-", 1)[1:])
     return stage.finish(recipe=recipe.name, inputs={k: str(v) for k, v in inputs.items()}, **facts)
 
 
@@ -126,9 +138,12 @@ def _pairs(recipe, out, inputs):
             "train": len(train), "test": len(test), "share_scores_differ": differ / max(1, len(train) + len(test))}
 
 
-def _dpo(recipe, out, inputs):
-    sft = inputs["sft"] / "model"
-    return {"seeds": {"data_order": recipe.dpo.seed}, **run_dpo(recipe.dpo, sft, sft, inputs["pairs"] / "train.jsonl", out)}
+def _dpo(recipe, out, inputs, variant_name):
+    variant = next(v for v in recipe.variants if v.name == variant_name)
+    start = inputs[variant.start] / "model"  # the starting point is also the frozen reference
+    cfg = recipe.dpo.model_copy(update={"epochs": variant.epochs})
+    return {"seeds": {"data_order": cfg.seed}, "start": variant.start,
+            **run_dpo(cfg, start, start, inputs["pairs"] / "train.jsonl", out)}
 
 
 def _evaluate(recipe, out, inputs):
@@ -138,7 +153,8 @@ def _evaluate(recipe, out, inputs):
     instructions = [text for _, text in fresh_openings(cfg.win_rate_instructions // 8, cfg.seed, "winrate", seen)]
     judge, comparer, summary = WorldJudge(), WorldComparer(), {}
     greedy = Sampling(0.0, cfg.max_new_tokens, cfg.seed)
-    for label in ("base", "sft", "dpo"):
+    labels = ["base", "sft"] + [f"dpo-{v.name}" for v in recipe.variants]
+    for label in labels:
         # Each model's results are written whole; a rerun skips the finished ones.
         model = None
         if not (out / f"{label}.json").exists():
@@ -154,7 +170,7 @@ def _evaluate(recipe, out, inputs):
         summary[label] = {k: result[k] for k in ("score", "ci95", "first_turn_correct", "greedy_accuracy", "pass_at_k",
                                                   "categories", "judge_failures", "questions")}
     reference = json.loads((out / "answers_sft.json").read_text())
-    for label in ("base", "dpo"):
+    for label in [x for x in labels if x != "sft"]:
         result = win_rate(instructions, json.loads((out / f"answers_{label}.json").read_text()), reference, comparer)
         _write_json(out / f"win_rate_{label}_vs_sft.json", result)
         summary[label]["win_rate_vs_sft"] = {k: result[k] for k in ("win_rate", "ci95", "length_controlled_win_rate",
@@ -174,7 +190,12 @@ RUNNERS = {"base": _base, "dialogues": _dialogues, "sft": _sft, "completions": _
 
 
 def run_recipe(recipe: RecipeConfig, only: str | None = None) -> dict:
-    return {name: run_stage(recipe, name) for name in (STAGES if only is None else (only,))}
+    stages = plan(recipe)
+    if only == "dpo":  # `dalign dpo` runs every variant
+        names = [n for n in stages if n.startswith("dpo-")]
+    else:
+        names = list(stages) if only is None else [only]
+    return {name: run_stage(recipe, name) for name in names}
 
 
 def score_table(evaluation: dict) -> str:

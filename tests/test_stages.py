@@ -18,7 +18,8 @@ from dalign.chat import ZEPHYR_TEMPLATE
 from dalign.cli import main
 from dalign.data import read_rows, validate_dialogue
 from dalign.manifest import config_hash
-from dalign.run import STAGES
+from dalign.config import load_recipe
+from dalign.run import plan
 
 RECIPE = """\
 name: micro
@@ -29,6 +30,7 @@ dialogues: {{n_dialogues: 40, chunk_size: 16}}
 sft: {{max_steps: 4, per_device_batch_size: 4, max_length: 128, log_every: 1}}
 completions: {{n_prompts: 16, chunk_size: 8, max_new_tokens: 8}}
 dpo: {{max_steps: 2, per_device_batch_size: 4, max_length: 128}}
+variants: [{{name: main}}, {{name: nosft, start: base}}]
 evaluate: {{questions_per_category: 1, max_new_tokens: 8, pass_k: 2, win_rate_instructions: 8}}
 """
 
@@ -61,10 +63,16 @@ def micro_run(tmp_path_factory):
     return path, run_dir, code, out.getvalue(), err.getvalue()
 
 
+def stages(path) -> list[str]:
+    return list(plan(load_recipe(path)))
+
+
 def test_cli_runs_every_stage(micro_run):
     path, run_dir, code, out, err = micro_run
     assert code == 0, err
-    for stage in STAGES:
+    assert stages(path) == ["base", "dialogues", "sft", "completions", "ratings", "pairs", "dpo-main", "dpo-nosft",
+                            "evaluate"]
+    for stage in stages(path):
         assert f"[{stage}] running in {run_dir / stage}" in out
     assert "| base |" in out and "| sft |" in out  # the score table
 
@@ -72,7 +80,7 @@ def test_cli_runs_every_stage(micro_run):
 def test_every_stage_has_a_complete_manifest(micro_run):
     path, run_dir, code, _, _ = micro_run
     assert code == 0
-    for stage in STAGES:
+    for stage in stages(path):
         m = manifest(run_dir, stage)
         assert m["stage"] == stage and m["status"] == "complete", stage
         assert m["recipe"] == "micro"
@@ -100,14 +108,14 @@ def test_evaluation_scores_base_and_sft(micro_run):
     _, run_dir, code, _, _ = micro_run
     assert code == 0
     m = manifest(run_dir, "evaluate")
-    assert set(m["results"]) == {"base", "sft", "dpo"}
+    assert set(m["results"]) == {"base", "sft", "dpo-main", "dpo-nosft"}
     assert m["rows"]["questions"] == 8  # one per category
     for label, result in m["results"].items():
         assert 1 <= result["score"] <= 10, label
         assert 0 <= result["pass_at_k"] <= 1 and 0 <= result["greedy_accuracy"] <= 1
         saved = json.loads((run_dir / "evaluate" / f"{label}.json").read_text())
         assert saved["score"] == result["score"]
-    for label in ("base", "dpo"):
+    for label in ("base", "dpo-main", "dpo-nosft"):
         wins = m["results"][label]["win_rate_vs_sft"]
         assert wins["wins"] + wins["ties"] + wins["losses"] + wins["judge_failures"] == m["rows"]["win_rate_instructions"] == 8
         assert 0 <= wins["win_rate"] <= 1
@@ -134,14 +142,14 @@ def test_the_sft_model_reloads_with_transformers(micro_run):
 def test_a_rerun_skips_every_stage(micro_run, capsys):
     path, run_dir, code, _, _ = micro_run
     assert code == 0
-    files = {s: run_dir / s / "manifest.json" for s in STAGES}
+    files = {s: run_dir / s / "manifest.json" for s in stages(path)}
     before = {s: (f.read_bytes(), f.stat().st_mtime_ns) for s, f in files.items()}
     capsys.readouterr()
     assert main(["run", str(path)]) == 0
     out = capsys.readouterr().out
-    assert out.count("skipped") == len(STAGES)
+    assert out.count("skipped") == len(files)
     assert "running" not in out
-    for stage in STAGES:
+    for stage in files:
         assert f"[{stage}] complete in {run_dir / stage}, skipped" in out
     after = {s: (f.read_bytes(), f.stat().st_mtime_ns) for s, f in files.items()}
     assert after == before  # no manifest rewritten, no 'finished' time changed
@@ -229,3 +237,20 @@ def test_a_missing_recipe_file_is_a_config_error(tmp_path, capsys):
     assert main(["run", str(missing)]) == 2
     err = capsys.readouterr().err
     assert str(missing) in err and "cannot read recipe" in err
+
+
+def test_the_report_has_the_table_charts_and_provenance(micro_run, tmp_path):
+    path, run_dir, code, out, _ = micro_run
+    assert code == 0 and f"report: {run_dir / 'report' / 'report.md'}" in out  # `dalign run` writes one
+    assert main(["report", str(run_dir), "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    for label, alignment in (("base", "none (base model)"), ("sft", "dSFT"), ("dpo-main", "dSFT + dDPO (1 epoch)"),
+                             ("dpo-nosft", "dDPO on the base model, no SFT (1 epoch)")):
+        assert f"| {run_dir.name} | {label} | {alignment} |" in md
+    evaluation = manifest(run_dir, "evaluate")
+    assert f"{evaluation['results']['sft']['score']:.2f}" in md
+    assert "of AI-feedback pairs have chosen and rejected of different scores" in md
+    page = (tmp_path / "rep" / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') == 2 and "<table" in page
+    assert (tmp_path / "rep" / "radar.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["report", str(tmp_path / "nowhere")]) == 2

@@ -1,0 +1,139 @@
+"""dalign's DPO loss and rewards equal TRL's DPOTrainer on the same tiny model and batch.
+
+TRL is the peer and a test-only dependency: it is imported here, never in dalign/. Both sides
+score the same token sequences. TRL tokenizes the conversational rows itself (the chat template
+on the prompt with the generation prompt, then on prompt + completion) and produces exactly the
+ids dalign.dpo.completion_example produces. Its completion mask covers one token more than
+dalign's labels: the template's '\\n' after the closing '</s>'. dalign labels the reply and its
+eos only (dalign.chat), as its SFT does. So the comparison scores TRL's own batch, with its
+completion mask as the labels, and a separate check pins down that one-token difference.
+"""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from dalign.chat import IGNORE
+from dalign.dpo import Pair, PreferenceObjective, collate_pairs, completion_example, sequence_logps
+from dalign.losses import PreferenceLoss
+from dalign.pretrain import build_model
+from dalign.train import Example
+
+from test_dpo import TINY, world_pairs
+
+trl = pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+
+BETA = 0.1
+N = 6  # pairs, all in one batch
+TOL = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    """Training tests run on one thread: results do not depend on the core count."""
+
+
+@pytest.fixture(scope="module")
+def peer(world_tokenizer, tmp_path_factory):
+    """One TRL DPO step (learning rate 0) on N world pairs: its batch, its logged metrics, and
+    untouched copies of the policy and reference weights it scored them with."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rows = world_pairs(N)
+    policy = build_model(TINY, world_tokenizer, seed=0)
+    # A reference different from the policy, so rewards are not all zero and the loss not log 2.
+    reference = build_model(TINY, world_tokenizer, seed=1)
+    ours = copy.deepcopy(policy).eval(), copy.deepcopy(reference).eval()  # TRL patches its models' forward
+    args = trl.DPOConfig(output_dir=str(tmp_path_factory.mktemp("trl")), bf16=False, use_cpu=True, beta=BETA,
+                         loss_type=["sigmoid"], per_device_train_batch_size=N, max_steps=1, learning_rate=0.0,
+                         logging_steps=1, report_to=[], save_strategy="no", activation_checkpointing=False,
+                         precompute_ref_log_probs=False, max_length=None, dataloader_num_workers=0)
+    dataset = datasets.Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
+    trainer = trl.DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=dataset,
+                             processing_class=world_tokenizer)
+    assert not trainer.args.gradient_checkpointing and not trainer.precompute_ref_logps
+    batches = []
+    compute_loss = trainer.compute_loss
+
+    def spy(model, inputs, *a, **kw):
+        batches.append({k: v.detach().clone() for k, v in inputs.items()})
+        return compute_loss(model, inputs, *a, **kw)
+
+    trainer.compute_loss = spy
+    trainer.train()
+    torch.set_num_threads(before)
+    assert len(batches) == 1 and batches[0]["input_ids"].shape[0] == 2 * N  # chosen rows, then rejected rows
+    logged = next(entry for entry in trainer.state.log_history if "rewards/chosen" in entry)
+    return {"rows": rows, "tokenized": list(trainer.train_dataset), "batch": batches[0], "logged": logged,
+            "policy": ours[0], "reference": ours[1]}
+
+
+def pairs_from_trl_batch(batch: dict) -> list[Pair]:
+    """dalign pairs holding exactly TRL's sequences, labelled where TRL's completion mask is 1."""
+    examples = []
+    for ids, attention, completion in zip(batch["input_ids"], batch["attention_mask"], batch["completion_mask"]):
+        keep = attention.bool()
+        ids, completion = ids[keep].tolist(), completion[keep].tolist()
+        examples.append(Example(ids, [t if c else IGNORE for t, c in zip(ids, completion)]))
+    return [Pair(examples[i], examples[N + i]) for i in range(N)]
+
+
+def dalign_metrics(pairs: list[Pair], policy, reference, pad_id: int, beta: float) -> dict[str, float]:
+    """dalign's objective on these pairs, reference log-probs filled as dalign.dpo.reference_logps does;
+    sums turned into means over pairs, as TRL logs them."""
+    with torch.no_grad():
+        ref = sequence_logps(reference, collate_pairs(pairs, pad_id))
+        for i, pair in enumerate(pairs):
+            pair.ref_chosen, pair.ref_rejected = float(ref[i]), float(ref[N + i])
+        loss, metrics = PreferenceObjective(beta, PreferenceLoss.SIGMOID).loss(policy, collate_pairs(pairs, pad_id))
+    return {"loss": loss.item() / N, **{k: v / N for k, v in metrics.items()}}
+
+
+# dalign metric name -> TRL's
+NAMES = {"loss": "loss", "rewards/chosen": "rewards/chosen", "rewards/rejected": "rewards/rejected",
+         "rewards/margin": "rewards/margins", "rewards/accuracy": "rewards/accuracies",
+         "logps/chosen": "logps/chosen", "logps/rejected": "logps/rejected"}
+
+
+def test_trl_tokenizes_the_rows_as_dalign_does_and_masks_one_more_newline(peer, world_tokenizer):
+    """Same ids; TRL's completion also covers the template's '\\n' after the eos, dalign's labels do not."""
+    tok = world_tokenizer
+    newline = tok("\n", add_special_tokens=False)["input_ids"]
+    assert len(newline) == 1
+    for row, tokenized in zip(peer["rows"], peer["tokenized"]):
+        for side in ("chosen", "rejected"):
+            ours = completion_example(tok, row["prompt"], row[side])
+            theirs = tokenized["prompt_ids"] + tokenized[f"{side}_ids"]
+            assert ours.input_ids == theirs
+            labelled = [t for t, l in zip(ours.input_ids, ours.labels) if l != IGNORE]
+            assert labelled + newline == tokenized[f"{side}_ids"]
+            assert labelled[-1] == tok.eos_token_id
+
+
+def test_loss_and_rewards_equal_trl_dpo_trainer(peer, world_tokenizer):
+    pairs = pairs_from_trl_batch(peer["batch"])
+    ours = dalign_metrics(pairs, peer["policy"], peer["reference"], world_tokenizer.pad_token_id, BETA)
+    theirs = peer["logged"]
+    # Not a trivial case: policy and reference differ, so the loss is not log 2 and rewards are not 0.
+    assert abs(theirs["loss"] - math.log(2)) > 1e-3 and abs(theirs["rewards/margins"]) > 1e-3
+    assert min(abs(theirs["rewards/chosen"]), abs(theirs["rewards/rejected"])) > 1e-3
+    for mine, name in NAMES.items():
+        assert ours[mine] == pytest.approx(theirs[name], abs=TOL, rel=0), name
+
+
+def test_the_comparison_can_fail(peer, world_tokenizer):
+    """Another beta, or dalign's own labels (no trailing newline), no longer match TRL."""
+    theirs = peer["logged"]
+    pad = world_tokenizer.pad_token_id
+    other_beta = dalign_metrics(pairs_from_trl_batch(peer["batch"]), peer["policy"], peer["reference"], pad, 2 * BETA)
+    assert abs(other_beta["loss"] - theirs["loss"]) > 1e-3
+    assert abs(other_beta["rewards/chosen"] - theirs["rewards/chosen"]) > 1e-3
+    tok = world_tokenizer
+    own_labels = [Pair(completion_example(tok, r["prompt"], r["chosen"]), completion_example(tok, r["prompt"], r["rejected"]))
+                  for r in peer["rows"]]
+    own = dalign_metrics(own_labels, peer["policy"], peer["reference"], pad, BETA)
+    assert abs(own["logps/chosen"] - theirs["logps/chosen"]) > 1e-2
+    assert abs(own["rewards/chosen"] - theirs["rewards/chosen"]) > TOL
