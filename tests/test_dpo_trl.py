@@ -26,6 +26,9 @@ from test_dpo import TINY, world_pairs
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
+# TRL 1.16 calls a transformers 5.23 method that is deprecated; nothing this test controls.
+pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+
 BETA = 0.1
 N = 6  # pairs, all in one batch
 TOL = 1e-5
@@ -44,8 +47,7 @@ def peer(world_tokenizer, tmp_path_factory):
     torch.set_num_threads(1)
     rows = world_pairs(N)
     policy = build_model(TINY, world_tokenizer, seed=0)
-    # A reference different from the policy, so rewards are not all zero and the loss not log 2.
-    reference = build_model(TINY, world_tokenizer, seed=1)
+    reference = far_copy(policy)
     ours = copy.deepcopy(policy).eval(), copy.deepcopy(reference).eval()  # TRL patches its models' forward
     args = trl.DPOConfig(output_dir=str(tmp_path_factory.mktemp("trl")), bf16=False, use_cpu=True, beta=BETA,
                          loss_type=["sigmoid"], per_device_train_batch_size=N, max_steps=1, learning_rate=0.0,
@@ -71,6 +73,17 @@ def peer(world_tokenizer, tmp_path_factory):
             "policy": ours[0], "reference": ours[1]}
 
 
+def far_copy(model):
+    """The model with its weights perturbed and its final norm scaled up: a reference whose
+    log-probs are far from the policy's, so rewards are of order 1 (not 0, the loss not log 2)."""
+    other, noise = copy.deepcopy(model), torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=noise))
+        other.model.norm.weight.mul_(5.0)
+    return other
+
+
 def pairs_from_trl_batch(batch: dict) -> list[Pair]:
     """dalign pairs holding exactly TRL's sequences, labelled where TRL's completion mask is 1."""
     examples = []
@@ -92,10 +105,9 @@ def dalign_metrics(pairs: list[Pair], policy, reference, pad_id: int, beta: floa
     return {"loss": loss.item() / N, **{k: v / N for k, v in metrics.items()}}
 
 
-# dalign metric name -> TRL's
+# dalign metric name -> TRL's, compared to TOL
 NAMES = {"loss": "loss", "rewards/chosen": "rewards/chosen", "rewards/rejected": "rewards/rejected",
-         "rewards/margin": "rewards/margins", "rewards/accuracy": "rewards/accuracies",
-         "logps/chosen": "logps/chosen", "logps/rejected": "logps/rejected"}
+         "rewards/margin": "rewards/margins", "rewards/accuracy": "rewards/accuracies"}
 
 
 def test_trl_tokenizes_the_rows_as_dalign_does_and_masks_one_more_newline(peer, world_tokenizer):
@@ -118,10 +130,15 @@ def test_loss_and_rewards_equal_trl_dpo_trainer(peer, world_tokenizer):
     ours = dalign_metrics(pairs, peer["policy"], peer["reference"], world_tokenizer.pad_token_id, BETA)
     theirs = peer["logged"]
     # Not a trivial case: policy and reference differ, so the loss is not log 2 and rewards are not 0.
-    assert abs(theirs["loss"] - math.log(2)) > 1e-3 and abs(theirs["rewards/margins"]) > 1e-3
-    assert min(abs(theirs["rewards/chosen"]), abs(theirs["rewards/rejected"])) > 1e-3
+    assert abs(theirs["loss"] - math.log(2)) > 0.05 and abs(theirs["rewards/margins"]) > 0.05
+    assert min(abs(theirs["rewards/chosen"]), abs(theirs["rewards/rejected"])) > 0.5
+    assert 0 < theirs["rewards/accuracies"] < 1
     for mine, name in NAMES.items():
         assert ours[mine] == pytest.approx(theirs[name], abs=TOL, rel=0), name
+    # Summed log-probs (about -112 nats a sequence) agree to float32 precision: TRL's fused LM
+    # head sums the token log-probs in another order, a few ulps (about 1e-5) apart.
+    for name in ("logps/chosen", "logps/rejected"):
+        assert ours[name] == pytest.approx(theirs[name], rel=1e-6, abs=0), name
 
 
 def test_the_comparison_can_fail(peer, world_tokenizer):
