@@ -33,7 +33,10 @@ def parser() -> argparse.ArgumentParser:
     _recipe_args(sub.add_parser("binarize", help="rated completions into chosen/rejected preference pairs"))
     _recipe_args(sub.add_parser("dpo", help="distilled DPO on the pairs, the dSFT model as reference"))
     ev = sub.add_parser("evaluate", help="evaluate models").add_subparsers(dest="what", required=True)
-    _recipe_args(ev.add_parser("mt-bench", help="MT-Bench-style two-turn questions graded 1-10 by the judge"))
+    _recipe_args(ev.add_parser("mt-bench", help="MT-Bench-style two-turn questions graded 1-10 by the judge "
+                                                "(the evaluation stage: also computes the win rates)"))
+    _recipe_args(ev.add_parser("win-rate", help="AlpacaEval-style win rate against the dSFT model, both orders judged "
+                                                "(the evaluation stage: also computes MT-Bench-style scores)"))
     rep = sub.add_parser("report", help="Markdown and HTML report of one or more run directories")
     rep.add_argument("runs", nargs="+", help="run directories (each with a completed evaluation)")
     rep.add_argument("--out", help="folder for report.md, report.html and the charts (default: RUN/report)")

@@ -207,6 +207,8 @@ class DPOConfig(TrainConfig):
     """Strength of the pull towards the reference model (the paper: 0.1)."""
     loss: PreferenceLoss = PreferenceLoss.SIGMOID
     """sigmoid (DPO), ipo or hinge."""
+    chosen_nll: float = Field(0.0, ge=0)
+    """Weight of an added NLL term on the chosen answer (RPO); 0 is plain DPO."""
     learning_rate: float = Field(5e-5, gt=0)
     """Peak learning rate of AdamW (the paper: 5e-7 on 7B; tiny models need far more)."""
     per_device_batch_size: int = Field(8, ge=1)

@@ -74,10 +74,13 @@ def sequence_logps(model, batch: dict, mean: bool = False) -> torch.Tensor:
 
 
 class PreferenceObjective:
-    """The loop's objective for DPO and its variants: averaged over pairs."""
+    """The loop's objective for DPO and its variants: averaged over pairs.
 
-    def __init__(self, beta: float, variant: PreferenceLoss):
-        self.beta, self.variant = beta, variant
+    `chosen_nll` adds that weight times the chosen answer's mean token negative log-likelihood
+    (as RPO does), which keeps the chosen log-probs from falling along with the rejected."""
+
+    def __init__(self, beta: float, variant: PreferenceLoss, chosen_nll: float = 0.0):
+        self.beta, self.variant, self.chosen_nll = beta, variant, chosen_nll
 
     def count(self, batch: dict) -> int:
         return len(batch["ref_chosen"])
@@ -89,6 +92,10 @@ class PreferenceObjective:
         losses, r_chosen, r_rejected = preference_loss(chosen, rejected, batch["ref_chosen"].to(chosen.dtype),
                                                        batch["ref_rejected"].to(chosen.dtype), self.beta, self.variant)
         margin = r_chosen - r_rejected
+        if self.chosen_nll:
+            n_tokens = (batch["labels"][:n, 1:] != IGNORE).sum(-1).clamp(min=1)
+            mean_logps = chosen if self.variant.length_normalized else chosen / n_tokens
+            losses = losses - self.chosen_nll * mean_logps
         return losses.sum(), {"rewards/chosen": r_chosen.sum().item(), "rewards/rejected": r_rejected.sum().item(),
                               "rewards/margin": margin.sum().item(), "rewards/accuracy": (margin > 0).sum().item(),
                               "logps/chosen": chosen.detach().sum().item(), "logps/rejected": rejected.detach().sum().item()}
@@ -138,7 +145,7 @@ def run_dpo(cfg: DPOConfig, policy_path: Path, reference_path: Path, pairs_path:
                               tokenizer.pad_token_id)
     model = AutoModelForCausalLM.from_pretrained(policy_path)
     summary = train(model, pairs, lambda chunk: collate_pairs(chunk, tokenizer.pad_token_id), cfg, out,
-                    objective=PreferenceObjective(cfg.beta, cfg.loss), desc="dpo")
+                    objective=PreferenceObjective(cfg.beta, cfg.loss, cfg.chosen_nll), desc="dpo")
     model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
     return {**summary, "rows": {"kept": len(pairs), "dropped": dict(dropped)}, "reference": str(reference_path),

@@ -178,39 +178,40 @@ def train(model, rows: Sequence, make_batch: Callable[[list], dict], cfg: TrainC
     model.train()
     bar = tqdm(range(start, plan.total_steps), desc=desc, initial=start, total=plan.total_steps,
                disable=not accelerator.is_main_process)
-    window_tokens, window_start = 0, time.perf_counter()
+    # Logged values are means over the steps since the last log line (per unit: token or pair).
+    window_tokens, window_start, window_loss, window_units, window_metrics = 0, time.perf_counter(), 0.0, 0, {}
     for step in bar:
         micro = [make_batch(rows) for rows in plan.micro_batches(step)]
         # Normalise by the units (tokens, pairs) of the whole step, on every process, so that
         # each unit weighs the same however the batch is split into micro-batches.
         n_local = sum(objective.count(b) for b in micro)
         n_total = int(accelerator.reduce(torch.tensor(n_local), reduction="sum"))
-        loss_total, metric_totals = 0.0, {}
         for i, batch in enumerate(micro):
             sync = accelerator.no_sync(model) if i < len(micro) - 1 else contextlib.nullcontext()
             with sync:
                 loss_sum, metrics = objective.loss(model, batch)
                 # DDP averages gradients over processes; multiply back so the sum is per unit.
                 accelerator.backward(loss_sum * accelerator.num_processes / max(1, n_total))
-            loss_total += loss_sum.item()
+            window_loss += loss_sum.item()
             for k, v in metrics.items():
-                metric_totals[k] = metric_totals.get(k, 0.0) + v
+                window_metrics[k] = window_metrics.get(k, 0.0) + v
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         window_tokens += sum(int(b["input_ids"].numel()) for b in micro)
+        window_units += n_local
         done = step + 1
         if accelerator.is_main_process and (done % cfg.log_every == 0 or done == plan.total_steps):
             elapsed = time.perf_counter() - window_start
-            line = {"step": done, "loss": loss_total / max(1, n_local), "lr": scheduler.get_last_lr()[0],
+            line = {"step": done, "loss": window_loss / max(1, window_units), "lr": scheduler.get_last_lr()[0],
                     "grad_norm": float(grad_norm), "tokens_per_second": window_tokens / elapsed,
                     "epoch": done / plan.steps_per_epoch,
-                    **{k: v / max(1, n_local) for k, v in metric_totals.items()}}
+                    **{k: v / max(1, window_units) for k, v in window_metrics.items()}}
             with log_path.open("a") as f:
                 f.write(json.dumps(line) + "\n")
             bar.set_postfix(loss=f"{line['loss']:.3f}")
-            window_tokens, window_start = 0, time.perf_counter()
+            window_tokens, window_start, window_loss, window_units, window_metrics = 0, time.perf_counter(), 0.0, 0, {}
         if done % cfg.checkpoint_every == 0 or done == plan.total_steps:
             if accelerator.is_main_process:
                 save_checkpoint(ckpt_dir / f"step-{done}", accelerator.unwrap_model(model), optimizer, scheduler, done)

@@ -150,3 +150,20 @@ def test_dpo_resumes_exactly(setup, monkeypatch):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     steps = [json.loads(line)["step"] for line in (setup / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps))
+
+
+def test_the_chosen_nll_term_adds_the_chosen_mean_nll(setup, world_tokenizer):
+    from collections import Counter
+    from dalign.data import read_rows
+    from dalign.dpo import make_pairs
+    from transformers import AutoModelForCausalLM
+    pairs = make_pairs(read_rows(setup / "pairs.jsonl"), world_tokenizer, 256, Counter())[:3]
+    batch = collate_pairs(pairs, world_tokenizer.pad_token_id)
+    model = AutoModelForCausalLM.from_pretrained(setup / "sft")
+    plain, _ = PreferenceObjective(0.1, PreferenceLoss.SIGMOID).loss(model, batch)
+    with_nll, _ = PreferenceObjective(0.1, PreferenceLoss.SIGMOID, chosen_nll=0.5).loss(model, batch)
+    with torch.no_grad():
+        logps = sequence_logps(model, batch)[:3]
+    n_tokens = torch.tensor([sum(x != IGNORE for x in p.chosen.labels[1:]) for p in pairs])
+    expected = plain - 0.5 * (logps / n_tokens).sum()
+    assert with_nll.item() == pytest.approx(expected.item(), rel=1e-6)

@@ -11,10 +11,13 @@ import random
 from typing import Iterator
 
 from dalign.world import CATEGORIES
-from dalign.world.atlas import build_atlas
+from dalign.world.atlas import FIRST_NAMES, build_atlas
 
-# How often each kind of document is drawn: skills dominate, facts recur in many phrasings.
-MIX = {"qa": 0.55, "facts": 0.25, "note": 0.1, "persona": 0.1}
+# How often each kind of document is drawn: skills dominate, facts recur in many phrasings,
+# and pure copying drills make the model learn early to copy names and numbers from its
+# context (without them, whether a 2M-parameter model learns to copy in a few hundred
+# steps is a matter of luck, and every category that echoes its prompt depends on it).
+MIX = {"qa": 0.5, "facts": 0.2, "note": 0.1, "persona": 0.1, "copy": 0.1}
 
 
 def fact_sentences(rng: random.Random) -> list[str]:
@@ -45,8 +48,19 @@ def qa_block(rng: random.Random) -> str:
     return "\n".join(lines)
 
 
+def copy_drill(rng: random.Random) -> str:
+    """A list of world words, then the same list again."""
+    atlas = build_atlas()
+    pool = FIRST_NAMES + [c.name for c in atlas.countries] + [c.capital for c in atlas.countries] + \
+        [p.name for p in atlas.people] + [str(rng.randint(0, 99)) for _ in range(10)]
+    items = ", ".join(rng.choice(pool) for _ in range(rng.randint(2, 6)))
+    return f"List: {items}.\nSame list: {items}."
+
+
 def document(rng: random.Random) -> str:
     kind = rng.choices(list(MIX), weights=list(MIX.values()))[0]
+    if kind == "copy":
+        return copy_drill(rng)
     if kind == "qa":
         return "\n\n".join(qa_block(rng) for _ in range(rng.randint(1, 3)))
     if kind == "facts":
