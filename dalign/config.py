@@ -88,12 +88,12 @@ class TrainConfig(Strict):
 
 
 class BaseConfig(TrainConfig):
-    """Pretraining defaults: one pass over 26k world documents (about 1.5M tokens) in small
+    """Pretraining defaults: one pass over 40k world documents (about 2.2M tokens) in small
     batches, which teaches a 2M-parameter model more per minute than fewer, larger steps."""
 
     model: ModelShape = ModelShape()
     """Shape of the base model trained from scratch."""
-    corpus_documents: int = Field(26000, ge=100)
+    corpus_documents: int = Field(40000, ge=100)
     """World documents generated as plain pretraining text."""
     learning_rate: float = Field(3e-3, gt=0)
     """Peak learning rate of AdamW."""
