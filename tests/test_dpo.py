@@ -60,7 +60,8 @@ def margins(model_path, pairs_path, tokenizer):
 
 
 def test_dpo_raises_the_chosen_over_the_rejected(setup, world_tokenizer):
-    cfg = DPOConfig(max_steps=15, learning_rate=1e-2, beta=0.5, per_device_batch_size=8, checkpoint_every=100, log_every=1)
+    cfg = DPOConfig(max_steps=15, learning_rate=1e-2, beta=0.5, per_device_batch_size=8, checkpoint_every=100, log_every=1,
+                    chosen_nll=0.0)  # plain DPO
     summary = run_dpo(cfg, setup / "sft", setup / "sft", setup / "pairs.jsonl", setup / "dpo")
     before = margins(setup / "sft", setup / "pairs.jsonl", world_tokenizer)
     after = margins(setup / "dpo" / "model", setup / "pairs.jsonl", world_tokenizer)
