@@ -4,7 +4,6 @@ follows the warmup + cosine schedule. Everything runs on a tiny Llama on the CPU
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 from collections import Counter
@@ -16,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from dalign.chat import IGNORE, tokenize_dialogue
 from dalign.config import ModelShape, SFTConfig, TrainConfig
-from dalign.data import read_rows, write_rows
+from dalign.data import write_rows
 from dalign.pretrain import build_model
 from dalign.sft import dialogue_examples, run_sft
 from dalign.train import Example, Plan, collate, cosine_schedule, latest_checkpoint, pack, token_loss_sum, train

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from dalign.backends import Conversation, Sampling
+from dalign.judging import ASPECTS
 from dalign.world import CATEGORIES, parse_dialogue
 from dalign.world.roles import user_turns
 from dalign.world.task import Constraint
@@ -134,7 +135,7 @@ class WorldRater:
             blocks = []
             for k, response in enumerate(responses, 1):
                 checks, category = inspect([instruction], response)
-                aspects = aspect_scores(checks, category in ("writing", "roleplay")) if checks else dict.fromkeys(ASPECT_KEYS)
+                aspects = aspect_scores(checks, category in ("writing", "roleplay")) if checks else dict.fromkeys(ASPECTS)
                 lines = [f"Response {k}"]
                 lines += [f"{a.replace('_', '-').capitalize()}: {'N/A' if v is None else v}" for a, v in aspects.items()]
                 why = ("; ".join(checks.faults) or "right, complete and in the requested form") if checks else "unreadable"
@@ -143,8 +144,6 @@ class WorldRater:
             out.append("\n\n".join(blocks))
         return out
 
-
-ASPECT_KEYS = ("instruction_following", "honesty", "truthfulness", "helpfulness")
 
 
 class WorldComparer:

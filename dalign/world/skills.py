@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 
 from dalign.world.atlas import FIRST_NAMES, build_atlas
 from dalign.world.task import Category, Template
