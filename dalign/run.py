@@ -74,9 +74,10 @@ def run_stage(recipe: RecipeConfig, name: str) -> dict:
         return stage.read()
     inputs = {}
     for needed in plan(recipe)[name][0]:
-        if not _stage(recipe, needed).done():
+        upstream = _stage(recipe, needed)
+        if not upstream.done():
             raise MissingInputError(f"stage {needed} has not completed in {recipe.run_dir}; run it first (dalign run)")
-        inputs[needed] = _stage(recipe, needed).dir
+        inputs[needed] = upstream.dir
     stage.start()
     print(f"[{name}] running in {stage.dir}")
     facts = RUNNERS[name.split("-")[0]](recipe, stage.dir, inputs, *name.split("-", 1)[1:])

@@ -92,10 +92,7 @@ def aspect_scores(c: Checks, creative: bool) -> dict[str, int | None]:
 def verdict_text(c: Checks | None, category: str | None) -> str:
     if c is None:
         return "Rationale: the question is not one this judge can read.\nRating: [[5]]"
-    aspects = aspect_scores(c, creative=category in ("writing", "roleplay"))
-    lines = [f"Correct: {'yes' if c.correct else 'no'}"]
-    lines += [f"{k.replace('_', '-').capitalize()}: {'N/A' if v is None else v}" for k, v in aspects.items()]
-    lines.append(f"Rationale: {'; '.join(c.faults) or 'right, complete and in the requested form'}.")
+    lines = [f"Correct: {'yes' if c.correct else 'no'}", *_aspect_lines(c, category), _rationale(c)]
     lines.append(f"Rating: [[{mt_bench_score(c)}]]")
     return "\n".join(lines)
 
@@ -115,55 +112,65 @@ class WorldJudge:
         return out
 
 
-class WorldRater:
-    """A Backend that reads UltraFeedback-style rating requests (dalign/prompts/rate.txt)
-    and rates each response on the four aspects, as the teacher does in AI feedback."""
+def _aspect_lines(c: Checks | None, category: str | None) -> list[str]:
+    """'Honesty: 5' lines; honesty is N/A for creative writing, every aspect for an unreadable question."""
+    aspects = aspect_scores(c, creative=category in ("writing", "roleplay")) if c else dict.fromkeys(ASPECTS)
+    return [f"{k.replace('_', '-').capitalize()}: {'N/A' if v is None else v}" for k, v in aspects.items()]
+
+
+def _rationale(c: Checks | None) -> str:
+    why = ("; ".join(c.faults) or "right, complete and in the requested form") if c else "unreadable"
+    return f"Rationale: {why}."
+
+
+class _RequestReader:
+    """A Backend for requests a stage writes from a template: the last message is read back
+    into its parts (`read`, None if it cannot be) and answered (`reply`)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def generate(self, conversations: Sequence[Conversation], sampling: Sampling = Sampling()) -> list[str]:
+        replies = []
+        for conv in conversations:
+            request = self.read(conv[-1]["content"])
+            replies.append("I cannot read this request." if request is None else self.reply(*request))
+        return replies
+
+
+class WorldRater(_RequestReader):
+    """Reads UltraFeedback-style rating requests (dalign/prompts/rate.txt) and rates each
+    response on the four aspects, as the teacher does in AI feedback."""
 
     def __init__(self, name: str = "world-rater"):
-        self.name = name
+        super().__init__(name)
 
-    def generate(self, conversations: Sequence[Conversation], sampling: Sampling = Sampling()) -> list[str]:
+    def read(self, text: str):
         from dalign.rate import read_rating_prompt  # the request format belongs to the rating stage
 
-        out = []
-        for conv in conversations:
-            request = read_rating_prompt(conv[-1]["content"])
-            if request is None:
-                out.append("I cannot read this request.")
-                continue
-            instruction, responses = request
-            blocks = []
-            for k, response in enumerate(responses, 1):
-                checks, category = inspect([instruction], response)
-                aspects = aspect_scores(checks, category in ("writing", "roleplay")) if checks else dict.fromkeys(ASPECTS)
-                lines = [f"Response {k}"]
-                lines += [f"{a.replace('_', '-').capitalize()}: {'N/A' if v is None else v}" for a, v in aspects.items()]
-                why = ("; ".join(checks.faults) or "right, complete and in the requested form") if checks else "unreadable"
-                lines.append(f"Rationale: {why}.")
-                blocks.append("\n".join(lines))
-            out.append("\n\n".join(blocks))
-        return out
+        return read_rating_prompt(text)
+
+    def reply(self, instruction: str, responses: list[str]) -> str:
+        blocks = []
+        for k, response in enumerate(responses, 1):
+            checks, category = inspect([instruction], response)
+            blocks.append("\n".join([f"Response {k}", *_aspect_lines(checks, category), _rationale(checks)]))
+        return "\n\n".join(blocks)
 
 
-
-class WorldComparer:
-    """A Backend that reads pairwise comparison requests (dalign/prompts/compare.txt) and
-    prefers the answer the judge scores higher; equal scores are a tie."""
+class WorldComparer(_RequestReader):
+    """Reads pairwise comparison requests (dalign/prompts/compare.txt) and prefers the answer
+    the judge scores higher; equal scores are a tie."""
 
     def __init__(self, name: str = "world-comparer"):
-        self.name = name
+        super().__init__(name)
 
-    def generate(self, conversations: Sequence[Conversation], sampling: Sampling = Sampling()) -> list[str]:
+    def read(self, text: str):
         from dalign.winrate import read_comparison_prompt  # the request format belongs to the win-rate stage
 
-        out = []
-        for conv in conversations:
-            request = read_comparison_prompt(conv[-1]["content"])
-            if request is None:
-                out.append("I cannot read this request.")
-                continue
-            instruction, a, b = request
-            scores = [mt_bench_score(c) if c else 5 for c, _ in (inspect([instruction], a), inspect([instruction], b))]
-            verdict = "(a)" if scores[0] > scores[1] else "(b)" if scores[1] > scores[0] else "tie"
-            out.append(f"Output (a) scores {scores[0]} and output (b) {scores[1]}.\nPreferred: {verdict}")
-        return out
+        return read_comparison_prompt(text)
+
+    def reply(self, instruction: str, a: str, b: str) -> str:
+        scores = [mt_bench_score(c) if c else 5 for c, _ in (inspect([instruction], a), inspect([instruction], b))]
+        verdict = "(a)" if scores[0] > scores[1] else "(b)" if scores[1] > scores[0] else "tie"
+        return f"Output (a) scores {scores[0]} and output (b) {scores[1]}.\nPreferred: {verdict}"
