@@ -1,0 +1,281 @@
+"""A Backend over any OpenAI-compatible chat-completions server (OpenAI, vLLM, TGI, llama.cpp).
+
+One request per conversation, `max_concurrency` in flight, replies in the caller's order.
+The client's own retries are off so that every retry is ours and counted: 429, 5xx,
+timeouts, connection errors and malformed replies are retried with exponential backoff and
+full jitter, waiting what a `Retry-After` header asks (capped at `backoff_max_s`). Any other
+4xx fails at once: the request itself is wrong and resending it cannot help.
+
+Failure accounting: `generate_detailed` returns one `Reply` per row (text or error, attempts,
+cached), so a stage can count and record failed rows and keep the rest. `generate`, the
+`Backend` protocol, returns plain texts or raises `BackendError` naming how many rows failed,
+which rows and the first error; the error carries `.replies`, so nothing answered is lost
+(and answered rows are cached, so a rerun resends only the failures).
+
+Successful replies are cached under `cache_dir`, one JSON file per request named by the
+sha256 of (base_url, model, messages, sampling), written atomically: a rerun or resumed run
+sends no request already answered. The API key is read from the environment variable named
+in the config and never stored, logged or put in an error message (server error texts are
+scrubbed of it too, in case a server echoes the request headers).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import tempfile
+import threading
+import time
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import openai
+from pydantic import ConfigDict, Field, model_validator
+
+from dalign.backends import Conversation, Sampling
+from dalign.config import Strict
+
+RETRY_REASONS = ("429", "5xx", "timeout", "connection", "malformed")
+NO_KEY = "EMPTY"  # what keyless servers (vLLM, llama.cpp) expect in the bearer header
+
+
+class BackendError(RuntimeError):
+    """Requests that failed after all retries, or a backend that cannot be built."""
+
+    def __init__(self, message: str, replies: Sequence["Reply"] = ()):
+        super().__init__(message)
+        self.replies = list(replies)
+
+
+class OpenAIConfig(Strict):
+    model_config = ConfigDict(strict=True)
+
+    base_url: str
+    """Server root including the API version, e.g. 'https://api.openai.com/v1' or 'http://localhost:8000/v1'."""
+    model: str
+    """Model name sent with every request."""
+    api_key_env: str | None = "OPENAI_API_KEY"
+    """Name of the environment variable holding the API key; None for servers that need none."""
+    max_concurrency: int = Field(8, ge=1)
+    """Requests in flight at once (threads)."""
+    timeout_s: float = Field(120.0, gt=0)
+    """Seconds a request may take before it is abandoned and retried."""
+    max_retries: int = Field(6, ge=0)
+    """Retries per request after the first attempt; a request failing all of them is reported failed."""
+    backoff_base_s: float = Field(1.0, gt=0)
+    """Backoff before retry k is drawn uniformly from [0, min(backoff_max_s, backoff_base_s * 2**k)]."""
+    backoff_max_s: float = Field(60.0, gt=0)
+    """Longest wait between attempts, Retry-After included."""
+    requests_per_minute: int | None = Field(None, ge=1)
+    """Most requests started in any 60 s window; None for no limit."""
+    tokens_per_minute: int | None = Field(None, ge=1)
+    """Most tokens (prompt + completion) in any 60 s window, estimated until usage comes back; None for no limit."""
+    cache_dir: str | None = None
+    """Folder of cached replies; None disables the cache."""
+    top_p: float | None = Field(None, gt=0, le=1)
+    """Nucleus sampling mass; None leaves the server default."""
+    stop: list[str] | None = None
+    """Strings at which the server stops generating; None for none."""
+
+    @model_validator(mode="after")
+    def _backoff_order(self):
+        if self.backoff_base_s > self.backoff_max_s:
+            raise ValueError(f"backoff_base_s {self.backoff_base_s} is above backoff_max_s {self.backoff_max_s}")
+        return self
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One row's outcome: text, or error after `attempts` requests (0 when served from the cache)."""
+
+    text: str | None
+    error: str | None = None
+    attempts: int = 0
+    cached: bool = False
+
+
+class _Retryable(Exception):
+    def __init__(self, reason: str, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.reason, self.retry_after = reason, retry_after
+
+
+class _RateLimiter:
+    """Sliding 60 s window over the requests started and their tokens; a request waits until both fit."""
+
+    def __init__(self, rpm: int | None, tpm: int | None):
+        self.rpm, self.tpm, self.window, self.lock = rpm, tpm, deque(), threading.Lock()
+
+    def acquire(self, tokens: int) -> list:
+        while True:
+            with self.lock:
+                now = time.monotonic()
+                while self.window and now - self.window[0][0] >= 60:
+                    self.window.popleft()
+                used = sum(t for _, t in self.window)
+                # An empty window always admits, so one request above the whole tpm still goes.
+                if (self.rpm is None or len(self.window) < self.rpm) and \
+                        (self.tpm is None or not self.window or used + tokens <= self.tpm):
+                    entry = [now, tokens]
+                    self.window.append(entry)
+                    return entry
+                wait = 60 - (now - self.window[0][0])
+            time.sleep(min(max(wait, 0.01), 0.25))  # re-check often: settle() may free tokens early
+
+    def settle(self, entry: list, tokens: int) -> None:
+        with self.lock:  # the estimate is replaced by what the server counted
+            entry[1] = tokens
+
+
+def _retry_after(response) -> float | None:
+    """Seconds asked by Retry-After (or OpenAI's retry-after-ms); None when absent or an HTTP date."""
+    for header, scale in (("retry-after-ms", 1000), ("retry-after", 1)):
+        try:
+            return max(0.0, float(response.headers[header]) / scale)
+        except (KeyError, ValueError, TypeError):
+            continue
+    return None
+
+
+class OpenAIBackend:
+    def __init__(self, config: OpenAIConfig, name: str | None = None):
+        self.config, self.name = config, name or config.model
+        key = NO_KEY
+        if config.api_key_env is not None:
+            key = os.environ.get(config.api_key_env, "")
+            if not key:
+                raise BackendError(f"environment variable {config.api_key_env} is not set or empty; "
+                                   f"it must hold the API key for {config.base_url}")
+        self._secret = key if key != NO_KEY else None  # kept only to scrub it from error texts
+        self._client = openai.OpenAI(base_url=config.base_url, api_key=key, timeout=config.timeout_s, max_retries=0)
+        self._limiter = None
+        if config.requests_per_minute or config.tokens_per_minute:
+            self._limiter = _RateLimiter(config.requests_per_minute, config.tokens_per_minute)
+        self._counts, self._lock = Counter(), threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"OpenAIBackend(name={self.name!r}, model={self.config.model!r}, base_url={self.config.base_url!r})"
+
+    def generate(self, conversations: Sequence[Conversation], sampling: Sampling = Sampling()) -> list[str]:
+        replies = self.generate_detailed(conversations, sampling)
+        failed = [i for i, r in enumerate(replies) if r.error is not None]
+        if failed:
+            shown = ", ".join(map(str, failed[:20])) + (", ..." if len(failed) > 20 else "")
+            raise BackendError(f"{self.name}: {len(failed)} of {len(replies)} requests failed after retries "
+                               f"(rows {shown}); first error: {replies[failed[0]].error}", replies)
+        return [r.text for r in replies]
+
+    def generate_detailed(self, conversations: Sequence[Conversation], sampling: Sampling = Sampling()) -> list[Reply]:
+        bodies, repeats = [], Counter()
+        for conv in conversations:
+            # The k-th repeat of a conversation in one call is sent with seed + k, so repeated rows
+            # are independent samples (as with LocalModel) and do not share one cache entry.
+            text = json.dumps(conv, sort_keys=True)
+            body = {"model": self.config.model, "messages": list(conv), "temperature": sampling.temperature,
+                    "max_tokens": sampling.max_new_tokens, "seed": sampling.seed + repeats[text]}
+            repeats[text] += 1
+            if self.config.top_p is not None:
+                body["top_p"] = self.config.top_p
+            if self.config.stop:
+                body["stop"] = self.config.stop
+            bodies.append(body)
+        with ThreadPoolExecutor(self.config.max_concurrency) as pool:
+            return list(pool.map(self._answer, bodies))
+
+    def usage(self) -> dict:
+        """Counts since this backend was built, for a stage's manifest."""
+        with self._lock:
+            c = dict(self._counts)
+        return {"backend": self.name, "model": self.config.model, "base_url": self.config.base_url,
+                "requests": c.get("requests", 0), "cache_hits": c.get("cache_hits", 0), "failures": c.get("failures", 0),
+                "retries": {r: c.get(f"retry_{r}", 0) for r in RETRY_REASONS},
+                "prompt_tokens": c.get("prompt_tokens", 0), "completion_tokens": c.get("completion_tokens", 0)}
+
+    def _count(self, **amounts: int) -> None:
+        with self._lock:
+            self._counts.update(amounts)
+
+    def _scrub(self, text: str) -> str:
+        return text.replace(self._secret, "***") if self._secret else text
+
+    def _answer(self, body: dict) -> Reply:
+        key = hashlib.sha256(json.dumps({"base_url": self.config.base_url, **body}, sort_keys=True).encode()).hexdigest()
+        cached = self._cache_get(key)
+        if cached is not None:
+            self._count(cache_hits=1)
+            return Reply(cached, attempts=0, cached=True)
+        cfg = self.config
+        for attempt in range(cfg.max_retries + 1):
+            try:
+                text = self._attempt(body)
+            except _Retryable as err:
+                error = self._scrub(f"{err.reason}: {err}")
+                if attempt == cfg.max_retries:
+                    break
+                self._count(**{f"retry_{err.reason}": 1})
+                cap = min(cfg.backoff_max_s, cfg.backoff_base_s * 2 ** attempt)
+                time.sleep(random.uniform(0, cap) if err.retry_after is None else min(err.retry_after, cfg.backoff_max_s))
+                continue
+            except openai.APIStatusError as err:
+                self._count(failures=1)
+                return Reply(None, self._scrub(f"http {err.status_code} (not retried): {err}"), attempt + 1)
+            self._cache_put(key, text)
+            return Reply(text, attempts=attempt + 1)
+        self._count(failures=1)
+        return Reply(None, f"{error} (gave up after {cfg.max_retries + 1} attempts)", cfg.max_retries + 1)
+
+    def _attempt(self, body: dict) -> str:
+        """One request; raises _Retryable for what a retry may cure, APIStatusError for what it cannot."""
+        estimate = sum(len(str(m.get("content", ""))) for m in body["messages"]) // 4 + body["max_tokens"]
+        entry = self._limiter.acquire(estimate) if self._limiter else None
+        self._count(requests=1)
+        try:
+            completion = self._client.chat.completions.create(**body)
+        except openai.APITimeoutError as err:  # a subclass of APIConnectionError, so caught first
+            raise _Retryable("timeout", str(err)) from err
+        except openai.APIConnectionError as err:
+            raise _Retryable("connection", str(err)) from err
+        except openai.APIStatusError as err:
+            if err.status_code == 429 or err.status_code >= 500:
+                raise _Retryable("429" if err.status_code == 429 else "5xx", str(err), _retry_after(err.response)) from err
+            raise
+        except (ValueError, openai.APIResponseValidationError) as err:  # a body the client could not decode
+            raise _Retryable("malformed", f"unparseable response: {err}") from err
+        try:  # a non-JSON content type comes back as a str; a JSON without choices as a bare model
+            text = completion.choices[0].message.content
+        except (AttributeError, IndexError, TypeError) as err:
+            raise _Retryable("malformed", f"response without choices[0].message: {str(completion)[:200]}") from err
+        if not isinstance(text, str):
+            raise _Retryable("malformed", "response message has no text content")
+        usage = getattr(completion, "usage", None)
+        prompt, reply = (getattr(usage, "prompt_tokens", 0) or 0), (getattr(usage, "completion_tokens", 0) or 0)
+        self._count(prompt_tokens=prompt, completion_tokens=reply)
+        if entry is not None and usage:
+            self._limiter.settle(entry, prompt + reply)
+        return text
+
+    def _cache_path(self, key: str) -> Path:
+        return Path(self.config.cache_dir) / key[:2] / f"{key}.json"
+
+    def _cache_get(self, key: str) -> str | None:
+        if self.config.cache_dir is None:
+            return None
+        try:
+            return json.loads(self._cache_path(key).read_text())["text"]
+        except (OSError, ValueError, KeyError):  # absent, or torn by a crash: ask the server again
+            return None
+
+    def _cache_put(self, key: str, text: str) -> None:
+        if self.config.cache_dir is None:
+            return
+        path = self._cache_path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Written beside its final name and renamed, so a reader never sees half a file.
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
+            json.dump({"model": self.config.model, "text": text}, tmp)
+        os.replace(tmp.name, path)
