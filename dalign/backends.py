@@ -30,9 +30,12 @@ class Sampling:
 class Backend(Protocol):
     name: str
 
-    def generate(self, conversations: Sequence[Conversation], sampling: Sampling) -> list[str]:
+    def generate(self, conversations: Sequence[Conversation], sampling: Sampling) -> list[str | None]:
         """One reply per conversation, in order. Implementations may batch or run requests
-        concurrently inside; callers pass whole batches so that they can."""
+        concurrently inside; callers pass whole batches so that they can.
+
+        A reply is None when a remote backend gave up on that row after its retries; the
+        stage counts the row as failed (a rerun asks again) rather than losing it."""
         ...
 
 

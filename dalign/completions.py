@@ -60,8 +60,10 @@ def run_completions(prompts: Sequence[dict], members: Sequence[Member], per_prom
                 member = by_name[name]
                 for (r, c, _), text in zip(items, member.backend.generate([conv for *_, conv in items], member.sampling)):
                     rows[r]["completions"][c]["text"] = text
-        empty = sum(1 for row in rows for c in row["completions"] if not c["text"].strip())
-        return rows, Counter({"empty_completion": empty} if empty else {})
+        # Both are kept (the rating stage skips a failed one) and counted in the manifest.
+        counts = Counter("failed_completion" if c["text"] is None else "empty_completion"
+                         for row in rows for c in row["completions"] if not (c["text"] or "").strip())
+        return rows, counts
 
     rows, counts = in_parts(len(prompts), chunk_size, out, make_chunk)
     write_rows(out / "completions.jsonl", rows)

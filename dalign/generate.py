@@ -27,20 +27,27 @@ def _turns(topic: str, cfg: DialoguesConfig) -> int:
     return rng.randint(cfg.min_turns, cfg.max_turns)
 
 
-def _make_chunk(topics: list[str], cfg: DialoguesConfig, user: Backend, teacher: Backend) -> list[list[dict]]:
-    """All dialogues of a chunk, advanced turn by turn in batches (one call per role per turn)."""
+def _make_chunk(topics: list[str], cfg: DialoguesConfig, user: Backend, teacher: Backend) -> list[list[dict] | str]:
+    """All dialogues of a chunk, advanced turn by turn in batches (one call per role per turn).
+    A dialogue whose user or teacher call failed stops there and comes back as the failed role."""
     convs = [[{"role": "system", "content": t}] for t in topics]
     turns = [_turns(t, cfg) for t in topics]
+    failed: dict[int, str] = {}
     for turn in range(max(turns)):
-        active = [i for i, n in enumerate(turns) if n > turn]
+        active = [i for i, n in enumerate(turns) if n > turn and i not in failed]
         questions = user.generate([convs[i] for i in active], Sampling(temperature=0.7, seed=cfg.seed))
         for i, q in zip(active, questions):
             convs[i].append({"role": "user", "content": q})
+            if q is None:
+                failed[i] = "user_simulator_failed"
+        active = [i for i in active if i not in failed]
         # The teacher never sees the simulator's topic prompt, only the dialogue.
         answers = teacher.generate([convs[i][1:] for i in active], Sampling(temperature=0.7, seed=cfg.seed))
         for i, a in zip(active, answers):
             convs[i].append({"role": "assistant", "content": a})
-    return [c[1:] for c in convs]
+            if a is None:
+                failed[i] = "teacher_failed"
+    return [failed.get(i) or c[1:] for i, c in enumerate(convs)]
 
 
 def run_dialogues(cfg: DialoguesConfig, tokenizer, user: Backend, teacher: Backend, out: Path) -> dict:
@@ -51,7 +58,7 @@ def run_dialogues(cfg: DialoguesConfig, tokenizer, user: Backend, teacher: Backe
         rows, dropped = [], Counter()
         chunk = topics[start:end]
         for index, (topic, messages) in enumerate(zip(chunk, _make_chunk(chunk, cfg, user, teacher)), start):
-            reason = _reject(messages, seen, tokenizer, cfg.max_tokens)
+            reason = messages if isinstance(messages, str) else _reject(messages, seen, tokenizer, cfg.max_tokens)
             if reason:
                 dropped[reason] += 1
                 continue

@@ -22,7 +22,9 @@ class Judgment:
     raw: str
 
 
-def parse_judgment(text: str) -> Judgment:
+def parse_judgment(text: str | None) -> Judgment:
+    if text is None:
+        raise JudgeParseError("the judge gave no reply (its backend failed after retries)")
     ratings = _RATING.findall(text)
     if len(ratings) != 1:
         raise JudgeParseError(f"expected exactly one 'Rating: [[N]]', found {len(ratings)}")

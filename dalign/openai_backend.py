@@ -7,10 +7,10 @@ full jitter, waiting what a `Retry-After` header asks (capped at `backoff_max_s`
 4xx fails at once: the request itself is wrong and resending it cannot help.
 
 Failure accounting: `generate_detailed` returns one `Reply` per row (text or error, attempts,
-cached), so a stage can count and record failed rows and keep the rest. `generate`, the
-`Backend` protocol, returns plain texts or raises `BackendError` naming how many rows failed,
-which rows and the first error; the error carries `.replies`, so nothing answered is lost
-(and answered rows are cached, so a rerun resends only the failures).
+cached). `generate`, the `Backend` protocol, returns the texts with None for each row that
+failed after its retries, so the calling stage counts those rows as failed and keeps the
+rest; the errors are counted in `usage()` and the first few kept in `errors`. Answered rows
+are cached, so a rerun resends only the failures.
 
 Successful replies are cached under `cache_dir`, one JSON file per request named by the
 sha256 of (base_url, model, messages, sampling), written atomically: a rerun or resumed run
@@ -157,17 +157,16 @@ class OpenAIBackend:
         if config.requests_per_minute or config.tokens_per_minute:
             self._limiter = _RateLimiter(config.requests_per_minute, config.tokens_per_minute)
         self._counts, self._lock = Counter(), threading.Lock()
+        self.errors: list[str] = []  # the first failures' messages (key scrubbed), for the manifest
 
     def __repr__(self) -> str:
         return f"OpenAIBackend(name={self.name!r}, model={self.config.model!r}, base_url={self.config.base_url!r})"
 
-    def generate(self, conversations: Sequence[Conversation], sampling: Sampling = Sampling()) -> list[str]:
+    def generate(self, conversations: Sequence[Conversation], sampling: Sampling = Sampling()) -> list[str | None]:
         replies = self.generate_detailed(conversations, sampling)
-        failed = [i for i, r in enumerate(replies) if r.error is not None]
-        if failed:
-            shown = ", ".join(map(str, failed[:20])) + (", ..." if len(failed) > 20 else "")
-            raise BackendError(f"{self.name}: {len(failed)} of {len(replies)} requests failed after retries "
-                               f"(rows {shown}); first error: {replies[failed[0]].error}", replies)
+        for r in replies:
+            if r.error is not None and len(self.errors) < 20:
+                self.errors.append(r.error)
         return [r.text for r in replies]
 
     def generate_detailed(self, conversations: Sequence[Conversation], sampling: Sampling = Sampling()) -> list[Reply]:

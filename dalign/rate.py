@@ -77,11 +77,12 @@ def parse_ratings(text: str, n: int) -> list[dict]:
 
 def rate_prompts(rows: list[dict], rater: Backend, retries: int, seed: int) -> tuple[list[dict], Counter]:
     """Rate each row's completions in place; returns rows and counts of retries and failures."""
-    orders = [random.Random(f"{seed}:{row['prompt_id']}").sample(range(len(row["completions"])), len(row["completions"]))
-              for row in rows]
+    # A completion whose generation failed (text None) is not shown; it keeps no score.
+    shown = [[k for k, c in enumerate(row["completions"]) if c["text"] is not None] for row in rows]
+    orders = [random.Random(f"{seed}:{row['prompt_id']}").sample(ks, len(ks)) for row, ks in zip(rows, shown)]
     requests = [rating_prompt(row["prompt"], [row["completions"][i]["text"] for i in order])
                 for row, order in zip(rows, orders)]
-    pending, counts, raws = list(range(len(rows))), Counter(), [[] for _ in rows]
+    pending, counts, raws = [i for i in range(len(rows)) if orders[i]], Counter(), [[] for _ in rows]
     for attempt in range(retries + 1):
         if not pending:
             break
@@ -93,6 +94,8 @@ def rate_prompts(rows: list[dict], rater: Backend, retries: int, seed: int) -> t
         for i, reply in zip(pending, replies):
             raws[i].append(reply)
             try:
+                if reply is None:
+                    raise RatingParseError("the rater gave no reply (its backend failed after retries)")
                 parsed = parse_ratings(reply, len(orders[i]))
             except RatingParseError as err:
                 rows[i]["rating_error"] = str(err)
@@ -104,10 +107,14 @@ def rate_prompts(rows: list[dict], rater: Backend, retries: int, seed: int) -> t
         pending = still
     for i, row in enumerate(rows):
         row["rating_raw"], row["rating_order"] = raws[i], orders[i]
-        if i in pending:
+        if i in pending or not orders[i]:
             counts["failed"] += 1
             for c in row["completions"]:
                 c.update({"ratings": None, "rationale": None, "score": None})
+        else:
+            for c in row["completions"]:
+                if c["text"] is None:
+                    c.update({"ratings": None, "rationale": "not rated: its generation failed", "score": None})
     return rows, counts
 
 

@@ -41,7 +41,9 @@ def read_comparison_prompt(text: str) -> tuple[str, str, str] | None:
     return (slots["instruction"], slots["output_a"], slots["output_b"]) if slots else None
 
 
-def parse_verdict(text: str) -> str:
+def parse_verdict(text: str | None) -> str:
+    if text is None:
+        raise VerdictParseError("the judge gave no reply (its backend failed after retries)")
     found = re.findall(r"^Preferred:\s*(\(a\)|\(b\)|tie)\s*$", text, flags=re.MULTILINE)
     if len(found) != 1:
         raise VerdictParseError(f"expected one 'Preferred: (a)|(b)|tie' line, found {len(found)}")
