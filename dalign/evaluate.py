@@ -15,8 +15,12 @@ from typing import Sequence
 from dalign.backends import Backend, Sampling
 from dalign.config import EvalConfig
 from dalign.judging import JudgeParseError, parse_judgment
+from dalign.prompted import REFERENCE_PREFIX
 from dalign.world import CATEGORIES
 from dalign.world.roles import WorldTeacher, WorldUser, fresh_openings
+
+
+NEEDS_REFERENCE = ("math", "reasoning", "coding")  # as in FastChat's llm_judge
 
 
 def make_questions(per_category: int, seed: int, exclude: set[str]) -> list[dict]:
@@ -55,6 +59,15 @@ def _judge(judge: Backend, convs: list[list[dict]], failures: list) -> list[dict
     return results
 
 
+def _reference(question: dict, turn: int) -> list[dict]:
+    """The reference answer as a system message, for the categories where MT-Bench shows the
+    judge one (a judge that reads only the user turns, as the world's does, ignores it)."""
+    refs = question.get("reference") or []
+    if question["category"] not in NEEDS_REFERENCE or turn >= len(refs) or not refs[turn]:
+        return []
+    return [{"role": "system", "content": REFERENCE_PREFIX + refs[turn]}]
+
+
 def mean_ci(values: Sequence[float]) -> tuple[float, float]:
     """Mean and the half-width of its normal-approximation 95% confidence interval."""
     if not values:
@@ -71,8 +84,10 @@ def evaluate_mt_bench(model: Backend, judge: Backend, questions: list[dict], cfg
               for c, a, q in zip(convs, first, questions)]
     second = _answer(model, convs2, temps, cfg, cfg.seed + 1)
     failures: list[str] = []
-    j1 = _judge(judge, [c + [{"role": "assistant", "content": a}] for c, a in zip(convs, first)], failures)
-    j2 = _judge(judge, [c + [{"role": "assistant", "content": a}] for c, a in zip(convs2, second)], failures)
+    j1 = _judge(judge, [_reference(q, 0) + c + [{"role": "assistant", "content": a}]
+                        for q, c, a in zip(questions, convs, first)], failures)
+    j2 = _judge(judge, [_reference(q, 1) + c + [{"role": "assistant", "content": a}]
+                        for q, c, a in zip(questions, convs2, second)], failures)
     # Greedy accuracy and pass@k on the first turns.
     greedy = model.generate(convs, Sampling(0.0, cfg.max_new_tokens, cfg.seed))
     jg = _judge(judge, [c + [{"role": "assistant", "content": a}] for c, a in zip(convs, greedy)], failures)
