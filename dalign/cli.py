@@ -19,11 +19,72 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sft.learning_rate=5e-4 run_dir=runs/x")
 
 
+def _mc_args(p: argparse.ArgumentParser) -> None:
+    # Unset options stay None, so MCConfig's defaults apply (they are written once, there).
+    p.add_argument("model", help="model folder, hub id or built-in name (smollm2-135m-instruct)")
+    p.add_argument("--tasks", nargs="+", metavar="TASK", help="arc_challenge hellaswag mmlu truthfulqa_mc2 (default: all)")
+    p.add_argument("--data", action="append", default=[], metavar="TASK=DIR|TASK.SPLIT=FILE",
+                   help="local data instead of the hub: a folder holding TASK_SPLIT.jsonl files, or one split's file")
+    p.add_argument("--num-fewshot", action="append", default=[], metavar="N|TASK=N",
+                   help="shots for every task that takes them, or for one (default: the Leaderboard's 25, 10, 5, 0)")
+    p.add_argument("--limit", type=int, help="score only the first N questions of each task (each MMLU subject)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", help="cpu (default), cuda, ...")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--out", required=True, help="folder that receives mc.json")
+
+
+def _evaluate_mc(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from dalign.mc import MCConfig, MCError, MCTask, files_in, mc_table, run_mc
+    from dalign.models import ModelError
+
+    def task_named(name: str) -> MCTask:
+        if name not in {t.value for t in MCTask}:
+            raise MCError(f"unknown task {name!r}: choose among {', '.join(t.value for t in MCTask)}")
+        return MCTask(name)
+
+    fields = {k: getattr(args, k) for k in ("model", "tasks", "limit", "batch_size", "dtype", "device", "seed")
+              if getattr(args, k) is not None}
+    try:
+        data: dict[MCTask, dict] = {}
+        for item in args.data:
+            key, sep, path = item.partition("=")
+            name, _, split = key.partition(".")
+            if not sep or not name or not path:
+                raise MCError(f"--data {item!r} is not TASK=DIR or TASK.SPLIT=FILE")
+            task = task_named(name)
+            data.setdefault(task, {}).update({split: path} if split else files_in(path, task))
+        shots: dict[MCTask, str] = {}
+        for item in args.num_fewshot:
+            name, sep, n = item.rpartition("=")
+            # A bare N, like lm_eval's --num_fewshot, leaves TruthfulQA (which takes no shots) at 0.
+            tasks = [task_named(name)] if sep else [task_named(t) for t in fields.get("tasks") or [t.value for t in MCTask]]
+            shots.update({t: n for t in tasks if sep or t.facts.fewshot_split})
+        cfg = MCConfig(**fields, data=data, **({"num_fewshot": shots} if shots else {}))
+        report = run_mc(cfg, Path(args.out))
+    except ValidationError as err:
+        problems = [f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg'].removeprefix('Value error, ')}"
+                    for e in err.errors()]
+        print("dalign: error: invalid options\n  " + "\n  ".join(problems), file=sys.stderr)
+        return 2
+    except (MCError, ModelError) as err:
+        print(f"dalign: error: {err}", file=sys.stderr)
+        return 2
+    print("\n" + mc_table(report) + f"\n\nwritten to {Path(args.out) / 'mc.json'}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="dalign", description="Align a small language model by distillation "
                                   "(Zephyr recipe: dSFT, AI feedback, dDPO, evaluation).")
     sub = top.add_subparsers(dest="command", required=True)
-    _recipe_args(sub.add_parser("run", help="run every stage of a recipe into its run directory"))
+    run = sub.add_parser("run", help="run every stage of a recipe into its run directory")
+    _recipe_args(run)
+    run.add_argument("--dry-run", action="store_true", help="for a recipe on a real model: print the plan (parameters, "
+                     "global batch sizes, steps, memory per GPU) without loading weights")
     _recipe_args(sub.add_parser("pretrain", help="train the offline world's base model from scratch"))
     gen = sub.add_parser("generate", help="generate data with a teacher").add_subparsers(dest="what", required=True)
     _recipe_args(gen.add_parser("dialogues", help="UltraChat-style dialogues from seed topics (dSFT data)"))
@@ -37,6 +98,8 @@ def parser() -> argparse.ArgumentParser:
                                                 "(the evaluation stage: also computes the win rates)"))
     _recipe_args(ev.add_parser("win-rate", help="AlpacaEval-style win rate against the dSFT model, both orders judged "
                                                 "(the evaluation stage: also computes MT-Bench-style scores)"))
+    _mc_args(ev.add_parser("mc", help="multiple-choice benchmarks of the Open LLM Leaderboard (ARC-Challenge, "
+                                      "HellaSwag, MMLU, TruthfulQA mc2) scored by lm-evaluation-harness"))
     rep = sub.add_parser("report", help="Markdown and HTML report of one or more run directories")
     rep.add_argument("runs", nargs="+", help="run directories (each with a completed evaluation)")
     rep.add_argument("--out", help="folder for report.md, report.html and the charts (default: RUN/report)")
@@ -45,6 +108,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if getattr(args, "what", None) == "mc":
+        return _evaluate_mc(args)
     if args.command == "report":
         from dalign.report import write_report  # matplotlib is only needed here
 
@@ -64,6 +129,14 @@ def main(argv: list[str] | None = None) -> int:
              "binarize": "pairs", "dpo": "dpo"}.get(args.command) or getattr(args, "what", None)
     try:
         recipe = load_recipe(recipe_path, overrides)
+        if getattr(args, "dry_run", False):
+            from dalign.dryrun import dry_run
+
+            print(dry_run(recipe))
+            return 0
+        if recipe.real is not None:
+            raise ConfigError(f"{recipe_path}: the stages of a recipe on a real model are not wired into `dalign run` "
+                              "yet; `--dry-run` plans it")
         manifests = run_recipe(recipe, only=stage)
     except (ConfigError, RowError, StageDirError, MissingInputError) as err:
         print(f"dalign: error: {err}", file=sys.stderr)

@@ -248,6 +248,30 @@ class EvalConfig(Strict):
     """Seed of the held-out questions and of sampling; kept apart from the training seeds."""
 
 
+class RealConfig(Strict):
+    """A recipe on a real Hugging Face base model instead of the offline world's."""
+
+    model: str
+    """Hub id, model folder or built-in name (smollm2-135m-instruct)."""
+    architecture: dict[str, Any] | None = None
+    """config.json fields (with model_type) to build the model from when its config is neither
+    cached nor reachable: lets `--dry-run` plan a 7B run on a laptop with no network."""
+    dtype: str = Field("bfloat16", pattern="^(bfloat16|float16|float32)$")
+    """Precision of the weights in training (mixed precision keeps fp32 master weights)."""
+    processes: int = Field(1, ge=1)
+    """Training processes over all nodes (accelerate's num_processes, one per GPU)."""
+    sharding: str = Field("none", pattern="^(none|zero2|zero3|fsdp)$")
+    """How weights, gradients and optimizer states are split over processes (DeepSpeed ZeRO or FSDP)."""
+    lora_rank: int | None = Field(None, ge=1)
+    """Train rank-r LoRA adapters instead of every weight; None for full fine-tuning."""
+    skip: list[str] = Field(default_factory=list)
+    """Training stages not run, e.g. ['sft'] for a model that is already instruction-tuned."""
+    sft_rows: int = Field(0, ge=0)
+    """Rows of the dSFT data, for planning before the data is at hand (ultrachat_200k train_sft: 207,865)."""
+    dpo_rows: int = Field(0, ge=0)
+    """Preference pairs, for planning (ultrafeedback_binarized train_prefs: 61,135)."""
+
+
 class RecipeConfig(Strict):
     name: str = "offline"
     """Name of the recipe, recorded in every manifest."""
@@ -273,6 +297,8 @@ class RecipeConfig(Strict):
     """dDPO runs to make and compare: the first is the recipe's model, the rest are ablations."""
     evaluate: EvalConfig = EvalConfig()
     """MT-Bench-style evaluation in the world."""
+    real: RealConfig | None = None
+    """A real base model; None runs the offline world. So far only `dalign run --dry-run` reads it."""
 
 
 def _set(tree: dict, dotted: str, value: Any) -> None:
