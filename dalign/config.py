@@ -25,8 +25,10 @@ class Strict(BaseModel):
 
 
 class TeacherConfig(Strict):
-    ramble: float = Field(0.15, ge=0, le=1)
-    """Share of answers to which the world teacher appends filler sentences."""
+    ramble: float = Field(0.6, ge=0, le=1)
+    """Share of answers the world teacher pads with filler, always opening with the same stock
+    sentence: a chat model's verbal habit, which the dSFT student learns as a habit (greedy
+    decoding keeps it) and which AI feedback and dDPO are there to remove."""
     ignore_format: float = Field(0.15, ge=0, le=1)
     """Share of answers in which it ignores the requested format (sentence count, bare answer)."""
     skip_courtesy: float = Field(0.2, ge=0, le=1)
@@ -207,11 +209,14 @@ class DPOConfig(TrainConfig):
     """Strength of the pull towards the reference model (the paper: 0.1)."""
     loss: PreferenceLoss = PreferenceLoss.SIGMOID
     """sigmoid (DPO), ipo or hinge."""
-    chosen_nll: float = Field(1.0, ge=0)
-    """Weight of an added NLL term on the chosen answer (RPO); 0 is plain DPO. On by default: in
-    the world, plain DPO at a rate that moves the model pulls the chosen log-probs down too."""
-    learning_rate: float = Field(2e-4, gt=0)
-    """Peak learning rate of AdamW (the paper: 5e-7 on 7B; a 2M-parameter model needs far more)."""
+    chosen_nll: float = Field(0.0, ge=0)
+    """Weight of an added NLL term on the chosen answer (RPO); 0 is plain DPO, the paper's. The
+    term keeps the chosen log-probs from falling, but it is also supervised training on the
+    chosen answers, so with it DPO on the base model learns to chat (measured: 6.34 against 3.88
+    without, where dSFT scores 5.56), which is not the ablation the paper ran."""
+    learning_rate: float = Field(1e-4, gt=0)
+    """Peak learning rate of AdamW (the paper: 5e-7 on 7B; a 2M-parameter model needs far more;
+    in the world 2e-4 also lifts dSFT, by less, and costs more greedy accuracy)."""
     per_device_batch_size: int = Field(8, ge=1)
     """Pairs per micro-batch on each process (each pair is two sequences)."""
 
@@ -232,8 +237,8 @@ def _default_variants() -> list[DPOVariant]:
 
 
 class EvalConfig(Strict):
-    questions_per_category: int = Field(12, ge=1)
-    """Held-out two-turn questions per category (MT-Bench has 10)."""
+    questions_per_category: int = Field(20, ge=1)
+    """Held-out two-turn questions per category (MT-Bench has 10; more narrow the intervals)."""
     max_new_tokens: int = Field(64, ge=1)
     """Longest answer generated."""
     batch_size: int = Field(64, ge=1)

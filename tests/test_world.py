@@ -12,7 +12,7 @@ from dalign.world import CATEGORIES, Constraint, State, parse_dialogue
 from dalign.world.atlas import build_atlas
 from dalign.world.judge import WorldJudge, inspect, mt_bench_score
 from dalign.world.roles import (
-    FILLER, NOT_UNDERSTOOD, TOPIC_PREFIX, Flaws, WorldTeacher, WorldUser, seed_topics, user_turns,
+    FILLER, NOT_UNDERSTOOD, STOCK_PHRASE, TOPIC_PREFIX, Flaws, WorldTeacher, WorldUser, seed_topics, user_turns,
 )
 
 NAMES = list(CATEGORIES)
@@ -229,6 +229,10 @@ def test_teacher_that_always_rambles_is_judged_rambling(name):
         conv = conversation(turns)
         answer = teacher.answer(conv)
         assert sum(f in answer for f in FILLER) >= 2, answer
+        # A habit: the padding always opens with the same sentence, so a student that learns
+        # it from the teacher's dialogues keeps it under greedy decoding too.
+        ideal = IDEAL_TEACHER.answer(conv)
+        assert answer.startswith(f"{ideal} {STOCK_PHRASE} "), answer
         score, _, judgment = judged(turns, answer)
         # Where the instruction sets the sentence count, filler breaks that count instead.
         faults = ("rambles", "ignores the requested format") if CATEGORIES[name].counts_sentences else ("rambles",)

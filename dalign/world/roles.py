@@ -2,7 +2,9 @@
 
 The teacher plays the role GPT-3.5 played for UltraChat: it knows every answer, and it is
 imperfect in stated, configurable ways (it rambles, ignores a format constraint, omits the
-sign-off of a note, or gets the answer wrong, each at its own rate). That gap between the
+sign-off of a note, or gets the answer wrong, each at its own rate). Its rambling is a
+habit, as a chat model's is: it always opens the padding with the same stock sentence, so a
+student that learns the habit keeps it even under greedy decoding. That gap between the
 teacher and the strict judge is what AI feedback and dDPO are there to close.
 """
 
@@ -15,8 +17,9 @@ from dalign.backends import Conversation, Sampling, conversation_rng
 from dalign.world import CATEGORIES, parse_dialogue
 from dalign.world.task import Constraint
 
+STOCK_PHRASE = "I hope this helps you."
 FILLER = [
-    "I hope this helps you.", "There is a lot more one could say about this.", "Let me know if you have other questions.",
+    STOCK_PHRASE, "There is a lot more one could say about this.", "Let me know if you have other questions.",
     "This is a common kind of question.", "It is always good to check such things twice.",
 ]
 NOT_UNDERSTOOD = "I am sorry, I do not understand the question."
@@ -61,7 +64,8 @@ class WorldTeacher:
         if rng.random() < f.skip_courtesy and state.category == "writing":
             text = text.rsplit("\n", 1)[0]
         if rng.random() < f.ramble:
-            text = f"{text} {' '.join(rng.sample(FILLER, rng.randint(2, 3)))}"
+            more = rng.sample(FILLER[1:], rng.randint(1, 2))
+            text = f"{text} {' '.join([STOCK_PHRASE, *more])}"
         return text
 
 
