@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 ROLES = ("system", "user", "assistant")
-MAX_EXAMPLES = 5  # error messages kept in a ReadReport and logged per read
+MAX_EXAMPLES = 5  # error messages kept in a ReadReport, and logged
 
 logger = logging.getLogger("dalign.data")
 
@@ -173,6 +173,13 @@ class ReadReport:
     dropped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     examples: list[str] = dataclasses.field(default_factory=list)
 
+    def drop(self, err: "RowError") -> None:
+        """Count a bad row by reason; the first few are kept as examples and logged."""
+        self.dropped[err.reason] += 1
+        if len(self.examples) < MAX_EXAMPLES:
+            self.examples.append(str(err))
+            logger.warning("dropping bad row: %s", err)
+
     def as_dict(self) -> dict:
         return {"path": self.path, "kept": self.kept, "dropped": dict(sorted(self.dropped.items())),
                 "examples": list(self.examples)}
@@ -220,7 +227,6 @@ def iter_rows(path: str | os.PathLike, *, validate: Callable[[dict], None] | Non
     """Stream rows from ``path``; see ``read_rows``."""
     path = Path(path)
     report = report if report is not None else ReadReport(str(path))
-    logged = 0
     for n, row in _raw_rows(path):
         try:
             if isinstance(row, RowError):
@@ -235,12 +241,7 @@ def iter_rows(path: str | os.PathLike, *, validate: Callable[[dict], None] | Non
                 err.row = n
             if not skip_bad:
                 raise
-            report.dropped[err.reason] += 1
-            if len(report.examples) < MAX_EXAMPLES:
-                report.examples.append(str(err))
-            if logged < MAX_EXAMPLES:
-                logged += 1
-                logger.warning("dropping bad row: %s", err)
+            report.drop(err)
             continue
         report.kept += 1
         yield row

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from dalign.data import MAX_EXAMPLES, ReadReport, RowError, _raw_rows, validate_dialogue, validate_preference
+from dalign.data import ReadReport, RowError, _raw_rows, validate_dialogue, validate_preference
 
 logger = logging.getLogger("dalign.readers")
 
@@ -122,7 +122,6 @@ def _read(source: SourceConfig, convert: Callable[[dict], dict], fields: tuple[s
     columns = source.columns
     report = report if report is not None else ReadReport(source.label)
     out: list[dict] = []
-    logged = 0
     for n, raw in _source_rows(source):
         try:
             if isinstance(raw, RowError):
@@ -144,12 +143,7 @@ def _read(source: SourceConfig, convert: Callable[[dict], dict], fields: tuple[s
             err.path, err.row = err.path or source.label, err.row or n
             if not skip_bad:
                 raise
-            report.dropped[err.reason] += 1
-            if len(report.examples) < MAX_EXAMPLES:
-                report.examples.append(str(err))
-            if logged < MAX_EXAMPLES:
-                logged += 1
-                logger.warning("dropping bad row: %s", err)
+            report.drop(err)
     report.kept += len(out)
     if report.dropped:
         logger.info("%s: kept %d rows, dropped %s", source.label, report.kept, dict(report.dropped))
