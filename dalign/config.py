@@ -204,6 +204,19 @@ class PairsConfig(Strict):
     """Seed of the picks and of the split."""
 
 
+class LoraConfig(Strict):
+    """Low-rank adapters (PEFT) instead of training every weight."""
+
+    rank: int = Field(16, ge=1)
+    """Rank r of each adapter (the paper's QLoRA recipes: 16 for SFT, 128 for DPO)."""
+    alpha: float = Field(32.0, gt=0)
+    """Scale: the adapter's update is multiplied by alpha / rank."""
+    dropout: float = Field(0.05, ge=0, lt=1)
+    """Dropout on the adapter's input."""
+    target_modules: str | list[str] = "all-linear"
+    """Layers that get adapters: 'all-linear' (every linear layer but the output head) or names."""
+
+
 class DPOConfig(TrainConfig):
     beta: float = Field(0.1, gt=0)
     """Strength of the pull towards the reference model (the paper: 0.1)."""
@@ -219,6 +232,9 @@ class DPOConfig(TrainConfig):
     in the world 2e-4 also lifts dSFT, by less, and costs more greedy accuracy)."""
     per_device_batch_size: int = Field(8, ge=1)
     """Pairs per micro-batch on each process (each pair is two sequences)."""
+    lora: LoraConfig | None = None
+    """Train LoRA adapters; the reference is then the same model with its adapters switched off
+    (no second copy in memory), and the saved model has the adapters merged in."""
 
 
 class DPOVariant(Strict):

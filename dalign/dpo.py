@@ -8,6 +8,7 @@ changed input never silently does.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections import Counter
@@ -18,7 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dalign.chat import IGNORE, TemplateError, prompt_ids, tokenize_dialogue
-from dalign.config import DPOConfig
+from dalign.config import DPOConfig, LoraConfig
 from dalign.data import read_rows, validate_preference
 from dalign.losses import PreferenceLoss, preference_loss
 from dalign.train import Example, collate, train
@@ -101,6 +102,14 @@ class PreferenceObjective:
                               "logps/chosen": chosen.detach().sum().item(), "logps/rejected": rejected.detach().sum().item()}
 
 
+def with_lora(model, lora: LoraConfig):
+    """The model with trainable low-rank adapters; its own weights are frozen."""
+    import peft
+
+    return peft.get_peft_model(model, peft.LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                      target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+
+
 def _file_hash(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -111,20 +120,26 @@ def _file_hash(path: Path) -> str:
 
 @torch.no_grad()
 def reference_logps(reference_path: Path, pairs: list[Pair], pairs_path: Path, cfg: DPOConfig, cache: Path,
-                    pad_id: int) -> str:
-    """Fill each pair's reference log-probs, from the cache when it was made from the same inputs."""
-    key = hashlib.sha256(json.dumps({"weights": _file_hash(reference_path / "model.safetensors"),
+                    pad_id: int, adapted=None) -> str:
+    """Fill each pair's reference log-probs, from the cache when it was made from the same inputs.
+
+    `adapted`: a policy with LoRA adapters over the reference weights; it is used with its
+    adapters switched off instead of loading a second copy of the model."""
+    weights = sorted(reference_path.glob("*.safetensors"))  # one file, or the shards of a large model
+    key = hashlib.sha256(json.dumps({"weights": [_file_hash(w) for w in weights],
                                      "pairs": _file_hash(pairs_path), "max_length": cfg.max_length,
                                      "mean": cfg.loss.length_normalized}).encode()).hexdigest()
     if cache.exists() and (stored := json.loads(cache.read_text()))["key"] == key:
         values = stored["logps"]
     else:
-        model = AutoModelForCausalLM.from_pretrained(reference_path).eval()
+        model = adapted or AutoModelForCausalLM.from_pretrained(reference_path)
         values = []
-        for start in range(0, len(pairs), cfg.per_device_batch_size):
-            chunk = pairs[start:start + cfg.per_device_batch_size]
-            logps = sequence_logps(model, collate_pairs(chunk, pad_id), mean=cfg.loss.length_normalized)
-            values += [[float(logps[i]), float(logps[len(chunk) + i])] for i in range(len(chunk))]
+        with adapted.disable_adapter() if adapted is not None else contextlib.nullcontext():
+            model.eval()
+            for start in range(0, len(pairs), cfg.per_device_batch_size):
+                chunk = pairs[start:start + cfg.per_device_batch_size]
+                logps = sequence_logps(model, collate_pairs(chunk, pad_id), mean=cfg.loss.length_normalized)
+                values += [[float(logps[i]), float(logps[len(chunk) + i])] for i in range(len(chunk))]
         tmp = cache.with_suffix(".tmp")
         tmp.write_text(json.dumps({"key": key, "logps": values}))
         tmp.replace(cache)
@@ -141,11 +156,20 @@ def run_dpo(cfg: DPOConfig, policy_path: Path, reference_path: Path, pairs_path:
     if not pairs:
         raise ValueError(f"{pairs_path}: no preference pair left to train on (dropped: {dict(dropped)})")
     out.mkdir(parents=True, exist_ok=True)
-    ref_key = reference_logps(reference_path, pairs, pairs_path, cfg, out / "reference_logps.json",
-                              tokenizer.pad_token_id)
     model = AutoModelForCausalLM.from_pretrained(policy_path)
+    if cfg.lora is not None:
+        if Path(reference_path).resolve() != Path(policy_path).resolve():
+            raise ValueError("with LoRA the reference is the starting model with its adapters off: "
+                             f"policy {policy_path} and reference {reference_path} must be the same")
+        model = with_lora(model, cfg.lora)
+    ref_key = reference_logps(reference_path, pairs, pairs_path, cfg, out / "reference_logps.json",
+                              tokenizer.pad_token_id, adapted=model if cfg.lora is not None else None)
+    model.train()
     summary = train(model, pairs, lambda chunk: collate_pairs(chunk, tokenizer.pad_token_id), cfg, out,
                     objective=PreferenceObjective(cfg.beta, cfg.loss, cfg.chosen_nll), desc="dpo")
+    if cfg.lora is not None:
+        model.save_pretrained(out / "adapter")
+        model = model.merge_and_unload()  # a plain transformers model, loadable without PEFT
     model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
     return {**summary, "rows": {"kept": len(pairs), "dropped": dict(dropped)}, "reference": str(reference_path),

@@ -161,7 +161,9 @@ def train(model, rows: Sequence, make_batch: Callable[[list], dict], cfg: TrainC
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     plan = Plan(rows, cfg, accelerator.num_processes, accelerator.process_index)
     warmup = int(cfg.warmup_ratio * plan.total_steps)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    # Only what trains gets optimizer state: with LoRA adapters that is a small share of the model.
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_schedule(s, plan.total_steps, warmup))
     model, optimizer = accelerator.prepare(model, optimizer)
     ckpt_dir, log_path = out / "checkpoints", out / "metrics.jsonl"
@@ -195,7 +197,7 @@ def train(model, rows: Sequence, make_batch: Callable[[list], dict], cfg: TrainC
             window_loss += loss_sum.item()
             for k, v in metrics.items():
                 window_metrics[k] = window_metrics.get(k, 0.0) + v
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        grad_norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
