@@ -29,9 +29,12 @@ class ScriptedServer:
         self.log: list[dict] = []  # one entry per request: row, action, arrival, departure, auth, body
         self.lock = threading.Lock()
         self.in_flight = self.max_in_flight = 0
+        self.script = None  # row -> plan, for rows a test cannot name in advance
 
     def next_action(self, row: str) -> str:
         with self.lock:
+            if row not in self.plans and self.script is not None:
+                self.plans[row] = self.script(row)
             plan = self.plans.get(row, ["ok"])
             return plan.pop(0) if len(plan) > 1 else plan[0]
 
@@ -271,3 +274,34 @@ def test_config_is_strict():
         OpenAIConfig(base_url="http://x/v1", model="m", max_concurrency="4")
     with pytest.raises(ValidationError, match="backoff_base_s"):
         OpenAIConfig(base_url="http://x/v1", model="m", backoff_base_s=5, backoff_max_s=1)
+
+
+def test_a_stage_against_a_faulty_server_accounts_for_every_row(server, world_tokenizer, tmp_path):
+    """Dialogue generation with the teacher behind a server that answers 429 with Retry-After,
+    500, too slowly, and malformed JSON before answering, and that never answers some rows."""
+    from dalign.config import DialoguesConfig
+    from dalign.generate import run_dialogues
+    from dalign.world.roles import WorldUser
+
+    # The timeout is generous next to the other tests' so that a loaded machine does not turn a
+    # plain answer into one more timeout; "ok:3" is the reply that comes too late.
+    faults = ["429:0.05", "500", "ok:3", "malformed"]
+    doomed = lambda row: sum(map(ord, row)) % 5 == 0  # noqa: E731  (these rows always get a 500)
+    server.script = lambda row: ["500"] if doomed(row) else [faults[sum(map(ord, row)) % 4], "ok"]
+    cfg = DialoguesConfig(n_dialogues=12, max_turns=2, chunk_size=4, max_tokens=4096)
+    teacher_cfg = config(server.url, max_retries=2, timeout_s=1.5, cache_dir=str(tmp_path / "cache"))
+    teacher = OpenAIBackend(teacher_cfg, name="teacher")
+    summary = run_dialogues(cfg, world_tokenizer, WorldUser(), teacher, tmp_path / "a")
+    dropped = summary["rows"]["dropped"]
+    assert summary["rows"]["kept"] + sum(dropped.values()) == 12
+    usage = teacher.usage()
+    assert dropped.get("teacher_failed", 0) == usage["failures"] > 0  # each failed dialogue fails at one answer
+    assert all(usage["retries"][r] > 0 for r in ("429", "5xx", "timeout", "malformed"))
+    answered = {e["row"] for e in server.log if e["action"] == "ok"}
+    # A rerun into a fresh folder asks the server only what it never answered.
+    before = len(server.log)
+    rerun = OpenAIBackend(teacher_cfg, name="teacher")
+    again = run_dialogues(cfg, world_tokenizer, WorldUser(), rerun, tmp_path / "b")
+    assert again["rows"] == summary["rows"]
+    assert not {e["row"] for e in server.log[before:]} & answered
+    assert rerun.usage()["cache_hits"] > 0
