@@ -25,6 +25,13 @@ class Sampling:
     temperature: float = 0.0
     max_new_tokens: int = 256
     seed: int = 0
+    stop: tuple[str, ...] = ()  # a reply ends before the first of these strings
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """The text up to the first stop string (servers differ on whether they keep it)."""
+    ends = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+    return text[:min(ends)] if ends else text
 
 
 class Backend(Protocol):

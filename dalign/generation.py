@@ -7,13 +7,14 @@ padding, and the replies come back in the caller's order.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dalign.backends import Conversation, Sampling
+from dalign.backends import Conversation, Sampling, cut_at_stop
 from dalign.chat import prompt_ids
 
 
@@ -21,7 +22,7 @@ class LocalModel:
     def __init__(self, model, tokenizer, batch_size: int = 64, name: str | None = None):
         self.model, self.tokenizer, self.batch_size = model.eval(), tokenizer, batch_size
         self.name = name or str(getattr(model.config, "_name_or_path", "local-model"))
-        self.generated_tokens = 0
+        self.generated_tokens, self.seconds = 0, 0.0  # throughput for the manifest
 
     @classmethod
     def load(cls, path: str | Path, batch_size: int = 64) -> "LocalModel":
@@ -29,6 +30,7 @@ class LocalModel:
 
     @torch.no_grad()
     def generate(self, conversations: Sequence[Conversation], sampling: Sampling = Sampling()) -> list[str]:
+        started = time.perf_counter()
         prompts = [prompt_ids(self.tokenizer, c) for c in conversations]
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         replies: list[str] = [""] * len(prompts)
@@ -36,8 +38,14 @@ class LocalModel:
             chunk = order[start:start + self.batch_size]
             torch.manual_seed(sampling.seed + start)  # reproducible samples whatever ran before
             for i, text in zip(chunk, self._batch([prompts[i] for i in chunk], sampling)):
-                replies[i] = text
+                replies[i] = cut_at_stop(text, sampling.stop)
+        self.seconds += time.perf_counter() - started
         return replies
+
+    def throughput(self) -> dict:
+        """Generated tokens and tokens per second over every call so far."""
+        return {"generated_tokens": self.generated_tokens, "seconds": round(self.seconds, 3),
+                "tokens_per_second": round(self.generated_tokens / self.seconds, 1) if self.seconds else None}
 
     def _batch(self, prompts: list[list[int]], sampling: Sampling) -> list[str]:
         tok = self.tokenizer
@@ -48,9 +56,12 @@ class LocalModel:
             ids[r, width - len(p):] = torch.tensor(p)
             mask[r, width - len(p):] = 1
         sample = sampling.temperature > 0
+        # Stop strings end a row's generation early (transformers checks them on the decoded text).
+        stops = {"stop_strings": list(sampling.stop), "tokenizer": tok} if sampling.stop else {}
         out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=sampling.max_new_tokens,
                                   do_sample=sample, temperature=sampling.temperature if sample else None,
-                                  top_p=None, top_k=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+                                  top_p=None, top_k=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                                  **stops)
         texts = []
         for row in out[:, width:].tolist():
             if tok.eos_token_id in row:

@@ -37,7 +37,7 @@ from typing import Sequence
 import openai
 from pydantic import ConfigDict, Field, model_validator
 
-from dalign.backends import Conversation, Sampling
+from dalign.backends import Conversation, Sampling, cut_at_stop
 from dalign.config import Strict
 
 RETRY_REASONS = ("429", "5xx", "timeout", "connection", "malformed")
@@ -180,8 +180,9 @@ class OpenAIBackend:
             repeats[text] += 1
             if self.config.top_p is not None:
                 body["top_p"] = self.config.top_p
-            if self.config.stop:
-                body["stop"] = self.config.stop
+            stop = list(sampling.stop) or self.config.stop
+            if stop:
+                body["stop"] = stop
             bodies.append(body)
         with ThreadPoolExecutor(self.config.max_concurrency) as pool:
             return list(pool.map(self._answer, bodies))
@@ -256,7 +257,7 @@ class OpenAIBackend:
         self._count(prompt_tokens=prompt, completion_tokens=reply)
         if entry is not None and usage:
             self._limiter.settle(entry, prompt + reply)
-        return text
+        return cut_at_stop(text, body.get("stop") or ())  # some servers keep the stop string
 
     def _cache_path(self, key: str) -> Path:
         return Path(self.config.cache_dir) / key[:2] / f"{key}.json"

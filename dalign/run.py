@@ -119,6 +119,7 @@ def _completions(recipe, out, inputs):
             backend = LocalModel.load(inputs[m.model] / "model" if m.model in inputs else m.model)
         members.append(Member(m.name, backend, Sampling(m.temperature, cfg.max_new_tokens, cfg.seed)))
     facts = run_completions(prompts, members, cfg.per_prompt, cfg.principles, cfg.chunk_size, cfg.seed, out)
+    facts["generation"] = {m.name: m.backend.throughput() for m in members if isinstance(m.backend, LocalModel)}
     per_category = {c: sum(p["category"] == c for p in prompts) for c in dict.fromkeys(p["category"] for p in prompts)}
     return {"seeds": {"prompts_and_members": cfg.seed}, "prompts_per_category": per_category, **facts}
 
@@ -161,7 +162,7 @@ def _evaluate(recipe, out, inputs):
         if not (out / f"{label}.json").exists():
             model = LocalModel.load(inputs[label] / "model", batch_size=cfg.batch_size)
             result = evaluate_mt_bench(model, judge, questions, cfg)
-            result["generated_tokens"] = model.generated_tokens
+            result["generation"] = model.throughput()
             _write_json(out / f"{label}.json", result)
         if not (out / f"answers_{label}.json").exists():
             model = model or LocalModel.load(inputs[label] / "model", batch_size=cfg.batch_size)
