@@ -69,13 +69,14 @@ def make_handler(server: ScriptedServer):
                 server.max_in_flight = max(server.max_in_flight, server.in_flight)
             entry = {"row": row, "action": action, "arrival": arrival, "auth": self.headers.get("Authorization"),
                      "body": request}
+            with server.lock:  # logged on arrival: a client never sees a reply before its request is logged
+                server.log.append(entry)
             try:
                 self.act(action, row, request)
             finally:
                 with server.lock:
                     server.in_flight -= 1
                     entry["departure"] = time.monotonic()
-                    server.log.append(entry)
 
         def act(self, action: str, row: str, request: dict):
             kind, _, arg = action.partition(":")
