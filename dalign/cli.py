@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -135,8 +136,13 @@ def main(argv: list[str] | None = None) -> int:
             print(dry_run(recipe))
             return 0
         if recipe.real is not None:
-            raise ConfigError(f"{recipe_path}: the stages of a recipe on a real model are not wired into `dalign run` "
-                              "yet; `--dry-run` plans it")
+            from dalign.real import run as run_real
+
+            if stage is not None:
+                raise ConfigError(f"{recipe_path}: a recipe on a real model runs whole, with `dalign run`")
+            manifests = run_real(recipe)
+            print(json.dumps(manifests["evaluate"].get("held_out"), indent=1))
+            return 0
         manifests = run_recipe(recipe, only=stage)
     except (ConfigError, RowError, StageDirError, MissingInputError) as err:
         print(f"dalign: error: {err}", file=sys.stderr)

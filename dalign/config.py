@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from dalign.binarize import Rejection
 from dalign.losses import PreferenceLoss
+from dalign.readers import SourceConfig
 
 
 class ConfigError(ValueError):
@@ -291,6 +292,20 @@ class RealConfig(Strict):
     """Rows of the dSFT data, for planning before the data is at hand (ultrachat_200k train_sft: 207,865)."""
     dpo_rows: int = Field(0, ge=0)
     """Preference pairs, for planning (ultrafeedback_binarized train_prefs: 61,135)."""
+    pairs: SourceConfig | None = None
+    """Preference pairs to train on (ultrafeedback_binarized-style; see dalign/readers.py)."""
+    held_out: SourceConfig | None = None
+    """Preference pairs held out for the reward accuracy (another part of the same data, or a test split)."""
+    mc: dict[str, Any] | None = None
+    """Multiple-choice benchmarks before and after: dalign.mc.MCConfig's fields but the model; None skips them."""
+
+    @model_validator(mode="after")
+    def _mc_fields(self):
+        if self.mc is not None:
+            from dalign.mc import MCConfig  # lm_eval itself is imported only when the benchmark runs
+
+            MCConfig(model=self.model, **self.mc)
+        return self
 
 
 class RecipeConfig(Strict):

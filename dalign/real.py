@@ -1,0 +1,108 @@
+"""Running a recipe on a real model (a `real:` section): preference pairs from a dataset,
+dDPO (LoRA or full), and evaluation by held-out reward accuracy and multiple-choice
+benchmarks before and after.
+
+The stages keep the offline recipe's contract: one folder each under run_dir, a manifest
+with the resolved config and its hash, skipped when complete, resumed when killed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from dalign.config import ConfigError, RecipeConfig
+from dalign.data import write_rows
+from dalign.dpo import Pair, collate_pairs, completion_example, run_dpo, sequence_logps
+from dalign.evaluate import mean_ci
+from dalign.manifest import Stage
+from dalign.models import load_model, resolve
+from dalign.readers import ReadReport, read_preferences
+
+
+def plan(recipe: RecipeConfig) -> dict[str, tuple[tuple[str, ...], dict]]:
+    real = recipe.real.model_dump(mode="json")
+    stages = {"pairs": ((), {"real": real})}
+    if "dpo" not in recipe.real.skip:
+        stages["dpo"] = (("pairs",), {"real": real, "dpo": recipe.dpo.model_dump(mode="json")})
+    stages["evaluate"] = (tuple(stages), {"real": real})
+    return stages
+
+
+def run(recipe: RecipeConfig) -> dict:
+    real = recipe.real
+    if "sft" not in real.skip:
+        raise ConfigError("on a real model this version runs dDPO on an instruction-tuned model: set real.skip: [sft]")
+    if real.pairs is None or real.held_out is None:
+        raise ConfigError("a real recipe needs real.pairs and real.held_out (preference data sources)")
+    out = {}
+    for name, (needs, config) in plan(recipe).items():
+        stage = Stage(recipe.run_dir, name, config)
+        if stage.done():
+            print(f"[{name}] complete in {stage.dir}, skipped")
+            out[name] = stage.read()
+            continue
+        stage.start()
+        print(f"[{name}] running in {stage.dir}")
+        inputs = {n: Stage(recipe.run_dir, n, plan(recipe)[n][1]).dir for n in needs}
+        facts = {"pairs": _pairs, "dpo": _dpo, "evaluate": _evaluate}[name](recipe, stage.dir, inputs)
+        out[name] = stage.finish(recipe=recipe.name, **facts)
+    return out
+
+
+def _pairs(recipe, out: Path, inputs) -> dict:
+    facts = {}
+    for split, source in (("train", recipe.real.pairs), ("test", recipe.real.held_out)):
+        report = ReadReport(source.label)
+        rows = read_preferences(source, skip_bad=True, report=report)
+        write_rows(out / f"{split}.jsonl", rows)
+        facts[split] = report.as_dict()
+    return {"rows": {"kept": facts["train"]["kept"] + facts["test"]["kept"],
+                     "dropped": {f"{s}:{k}": v for s in facts for k, v in facts[s]["dropped"].items()}}, **facts}
+
+
+def _dpo(recipe, out: Path, inputs) -> dict:
+    start = Path(resolve(recipe.real.model))
+    return {"start": str(start), **run_dpo(recipe.dpo, start, start, inputs["pairs"] / "train.jsonl", out)}
+
+
+@torch.no_grad()
+def reward_accuracy(policy_path, reference_path, pairs_path: Path, beta: float, max_length: int) -> dict:
+    """Share of held-out pairs whose implicit reward beta * log(policy / reference) is higher
+    for the chosen answer than for the rejected one, with a 95% interval."""
+    from dalign.data import read_rows
+
+    tokenizer = AutoTokenizer.from_pretrained(policy_path)
+    rows = read_rows(pairs_path)
+    pairs = [Pair(completion_example(tokenizer, r["prompt"], r["chosen"]),
+                  completion_example(tokenizer, r["prompt"], r["rejected"])) for r in rows]
+    pairs = [p for p in pairs if max(len(p.chosen.input_ids), len(p.rejected.input_ids)) <= max_length]
+    margins = {}
+    for label, path in (("policy", policy_path), ("reference", reference_path)):
+        model = load_model(path).eval()
+        values = []
+        for start in range(0, len(pairs), 8):
+            chunk = pairs[start:start + 8]
+            logps = sequence_logps(model, collate_pairs(chunk, tokenizer.pad_token_id))
+            values += (logps[:len(chunk)] - logps[len(chunk):]).tolist()
+        margins[label] = values
+    wins = [float(beta * (p - r) > 0) for p, r in zip(margins["policy"], margins["reference"])]
+    rate, half = mean_ci(wins)
+    return {"reward_accuracy": rate, "ci95": half, "pairs": len(wins), "too_long": len(rows) - len(wins)}
+
+
+def _evaluate(recipe, out: Path, inputs) -> dict:
+    from dalign.mc import MCConfig, run_mc
+
+    start = resolve(recipe.real.model)
+    trained = inputs["dpo"] / "model" if "dpo" in inputs else Path(start)
+    facts = {"held_out": reward_accuracy(trained, start, inputs["pairs"] / "test.jsonl", recipe.dpo.beta,
+                                         recipe.dpo.max_length)}
+    (out / "reward_accuracy.json").write_text(json.dumps(facts["held_out"], indent=1))
+    if recipe.real.mc is not None:
+        for label, model in (("before", start), ("after", str(trained))):
+            facts[f"mc_{label}"] = run_mc(MCConfig(model=str(model), **recipe.real.mc), out / f"mc_{label}")["results"]
+    return facts
