@@ -266,6 +266,21 @@ def _json_line(row: dict) -> str:
     return json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n"
 
 
+def write_json(path: str | Path, value: Any, **dumps: Any) -> None:
+    """Write one JSON document atomically (a uniquely named temp file renamed over ``path``),
+    so a reader never sees half a file, whatever else writes beside it; ``dumps`` go to json.dumps."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(value, **dumps))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def write_rows(path: str | os.PathLike, rows: Iterable[dict]) -> int:
     """Write ``rows`` atomically to a .jsonl or .parquet file (by suffix); return the count.
 

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dalign.chat import IGNORE, TemplateError, prompt_ids, tokenize_dialogue
 from dalign.config import DPOConfig, LoraConfig
-from dalign.data import read_rows, validate_preference
+from dalign.data import read_rows, validate_preference, write_json
 from dalign.losses import PreferenceLoss, preference_loss
 from dalign.train import Example, collate, train
 
@@ -140,9 +140,7 @@ def reference_logps(reference_path: Path, pairs: list[Pair], pairs_path: Path, c
                 chunk = pairs[start:start + cfg.per_device_batch_size]
                 logps = sequence_logps(model, collate_pairs(chunk, pad_id), mean=cfg.loss.length_normalized)
                 values += [[float(logps[i]), float(logps[len(chunk) + i])] for i in range(len(chunk))]
-        tmp = cache.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"key": key, "logps": values}))
-        tmp.replace(cache)
+        write_json(cache, {"key": key, "logps": values})
     for pair, (c, r) in zip(pairs, values):
         pair.ref_chosen, pair.ref_rejected = c, r
     return key

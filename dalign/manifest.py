@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import dalign
+from dalign.data import write_json
 
 
 def code_version() -> str:
@@ -66,6 +67,4 @@ class Stage:
     def _write(self, extra: dict) -> None:
         manifest = {"stage": self.name, "config": self.config, "config_hash": config_hash(self.config),
                     "code_version": code_version(), "python": sys.version.split()[0], **extra}
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(manifest, indent=2, default=str))
-        tmp.replace(self.path)
+        write_json(self.path, manifest, indent=2, default=str)

@@ -28,6 +28,7 @@ from typing import Literal, NamedTuple
 from pydantic import Field, NonNegativeInt, model_validator
 
 from dalign.config import Strict
+from dalign.data import write_json
 from dalign.manifest import code_version
 from dalign.models import _hub_call, resolve
 
@@ -328,9 +329,7 @@ def run_mc(cfg: MCConfig, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     samples = [_sample_row(leaf, sample) for leaf, rows in res["samples"].items() for sample in rows]
     (out / "mc_samples.jsonl").write_text("".join(json.dumps(row, default=_to_json) + "\n" for row in samples))
-    tmp = out / "mc.json.tmp"  # written last, so a complete mc.json means complete outputs
-    tmp.write_text(json.dumps(report, indent=2, default=_to_json))
-    tmp.replace(out / "mc.json")
+    write_json(out / "mc.json", report, indent=2, default=_to_json)  # last: a complete mc.json means complete outputs
     return report
 
 

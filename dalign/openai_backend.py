@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import random
-import tempfile
 import threading
 import time
 from collections import Counter, deque
@@ -39,6 +38,7 @@ from pydantic import ConfigDict, Field, model_validator
 
 from dalign.backends import Conversation, Sampling, cut_at_stop
 from dalign.config import Strict
+from dalign.data import write_json
 
 RETRY_REASONS = ("429", "5xx", "timeout", "connection", "malformed")
 NO_KEY = "EMPTY"  # what keyless servers (vLLM, llama.cpp) expect in the bearer header
@@ -273,9 +273,4 @@ class OpenAIBackend:
     def _cache_put(self, key: str, text: str) -> None:
         if self.config.cache_dir is None:
             return
-        path = self._cache_path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Written beside its final name and renamed, so a reader never sees half a file.
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
-            json.dump({"model": self.config.model, "text": text}, tmp)
-        os.replace(tmp.name, path)
+        write_json(self._cache_path(key), {"model": self.config.model, "text": text})

@@ -8,14 +8,13 @@ with the resolved config and its hash, skipped when complete, resumed when kille
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer
 
 from dalign.config import ConfigError, RecipeConfig
-from dalign.data import write_rows
+from dalign.data import write_json, write_rows
 from dalign.dpo import Pair, collate_pairs, completion_example, run_dpo, sequence_logps
 from dalign.evaluate import mean_ci
 from dalign.manifest import Stage
@@ -101,7 +100,7 @@ def _evaluate(recipe, out: Path, inputs) -> dict:
     trained = inputs["dpo"] / "model" if "dpo" in inputs else Path(start)
     facts = {"held_out": reward_accuracy(trained, start, inputs["pairs"] / "test.jsonl", recipe.dpo.beta,
                                          recipe.dpo.max_length)}
-    (out / "reward_accuracy.json").write_text(json.dumps(facts["held_out"], indent=1))
+    write_json(out / "reward_accuracy.json", facts["held_out"], indent=1)
     if recipe.real.mc is not None:
         for label, model in (("before", start), ("after", str(trained))):
             facts[f"mc_{label}"] = run_mc(MCConfig(model=str(model), **recipe.real.mc), out / f"mc_{label}")["results"]

@@ -8,7 +8,6 @@ config, the code version, seeds, row counts kept and dropped, and the global bat
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 from transformers import AutoTokenizer
@@ -17,7 +16,7 @@ from dalign.backends import Sampling
 from dalign.binarize import binarize
 from dalign.completions import Member, run_completions
 from dalign.config import RecipeConfig
-from dalign.data import read_rows, write_rows
+from dalign.data import read_rows, write_json, write_rows
 from dalign.dpo import run_dpo
 from dalign.evaluate import evaluate_mt_bench, make_questions
 from dalign.generate import run_dialogues
@@ -163,28 +162,22 @@ def _evaluate(recipe, out, inputs):
             model = LocalModel.load(inputs[label] / "model", batch_size=cfg.batch_size)
             result = evaluate_mt_bench(model, judge, questions, cfg)
             result["generation"] = model.throughput()
-            _write_json(out / f"{label}.json", result)
+            write_json(out / f"{label}.json", result, indent=1)
         if not (out / f"answers_{label}.json").exists():
             model = model or LocalModel.load(inputs[label] / "model", batch_size=cfg.batch_size)
-            _write_json(out / f"answers_{label}.json",
-                        model.generate([[{"role": "user", "content": i}] for i in instructions], greedy))
+            write_json(out / f"answers_{label}.json",
+                       model.generate([[{"role": "user", "content": i}] for i in instructions], greedy), indent=1)
         result = json.loads((out / f"{label}.json").read_text())
         summary[label] = {k: result[k] for k in ("score", "ci95", "first_turn_correct", "greedy_accuracy", "pass_at_k",
                                                   "categories", "judge_failures", "questions")}
     reference = json.loads((out / "answers_sft.json").read_text())
     for label in [x for x in labels if x != "sft"]:
         result = win_rate(instructions, json.loads((out / f"answers_{label}.json").read_text()), reference, comparer)
-        _write_json(out / f"win_rate_{label}_vs_sft.json", result)
+        write_json(out / f"win_rate_{label}_vs_sft.json", result, indent=1)
         summary[label]["win_rate_vs_sft"] = {k: result[k] for k in ("win_rate", "ci95", "length_controlled_win_rate",
                                                                     "wins", "ties", "losses", "judge_failures")}
     return {"seeds": {"questions_and_sampling": cfg.seed}, "judge": judge.name, "comparer": comparer.name,
             "results": summary, "rows": {"questions": len(questions), "win_rate_instructions": len(instructions)}}
-
-
-def _write_json(path: Path, value) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    tmp.replace(path)
 
 
 RUNNERS = {"base": _base, "dialogues": _dialogues, "sft": _sft, "completions": _completions, "ratings": _ratings,
