@@ -74,6 +74,17 @@ def sequence_logps(model, batch: dict, mean: bool = False) -> torch.Tensor:
     return total / mask.sum(-1).clamp(min=1) if mean else total
 
 
+@torch.no_grad()
+def pair_logps(model, pairs: list[Pair], batch_size: int, pad_id: int, mean: bool = False) -> list[tuple[float, float]]:
+    """(chosen, rejected) log-probs of each pair under a model, in batches of pairs."""
+    values = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        logps = sequence_logps(model, collate_pairs(chunk, pad_id), mean=mean).tolist()
+        values += list(zip(logps[:len(chunk)], logps[len(chunk):]))
+    return values
+
+
 class PreferenceObjective:
     """The loop's objective for DPO and its variants: averaged over pairs.
 
@@ -133,13 +144,8 @@ def reference_logps(reference_path: Path, pairs: list[Pair], pairs_path: Path, c
         values = stored["logps"]
     else:
         model = adapted or AutoModelForCausalLM.from_pretrained(reference_path)
-        values = []
         with adapted.disable_adapter() if adapted is not None else contextlib.nullcontext():
-            model.eval()
-            for start in range(0, len(pairs), cfg.per_device_batch_size):
-                chunk = pairs[start:start + cfg.per_device_batch_size]
-                logps = sequence_logps(model, collate_pairs(chunk, pad_id), mean=cfg.loss.length_normalized)
-                values += [[float(logps[i]), float(logps[len(chunk) + i])] for i in range(len(chunk))]
+            values = pair_logps(model.eval(), pairs, cfg.per_device_batch_size, pad_id, cfg.loss.length_normalized)
         write_json(cache, {"key": key, "logps": values})
     for pair, (c, r) in zip(pairs, values):
         pair.ref_chosen, pair.ref_rejected = c, r

@@ -8,18 +8,19 @@ with the resolved config and its hash, skipped when complete, resumed when kille
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer
 
 from dalign.config import ConfigError, RecipeConfig
-from dalign.data import write_json, write_rows
-from dalign.dpo import Pair, collate_pairs, completion_example, run_dpo, sequence_logps
+from dalign.data import read_rows, write_json, write_rows
+from dalign.dpo import make_pairs, pair_logps, run_dpo
 from dalign.evaluate import mean_ci
-from dalign.manifest import Stage
 from dalign.models import load_model, resolve
 from dalign.readers import ReadReport, read_preferences
+from dalign.run import run_stage
 
 
 def plan(recipe: RecipeConfig) -> dict[str, tuple[tuple[str, ...], dict]]:
@@ -37,19 +38,8 @@ def run(recipe: RecipeConfig) -> dict:
         raise ConfigError("on a real model this version runs dDPO on an instruction-tuned model: set real.skip: [sft]")
     if real.pairs is None or real.held_out is None:
         raise ConfigError("a real recipe needs real.pairs and real.held_out (preference data sources)")
-    out = {}
-    for name, (needs, config) in plan(recipe).items():
-        stage = Stage(recipe.run_dir, name, config)
-        if stage.done():
-            print(f"[{name}] complete in {stage.dir}, skipped")
-            out[name] = stage.read()
-            continue
-        stage.start()
-        print(f"[{name}] running in {stage.dir}")
-        inputs = {n: Stage(recipe.run_dir, n, plan(recipe)[n][1]).dir for n in needs}
-        facts = {"pairs": _pairs, "dpo": _dpo, "evaluate": _evaluate}[name](recipe, stage.dir, inputs)
-        out[name] = stage.finish(recipe=recipe.name, **facts)
-    return out
+    stages = plan(recipe)
+    return {name: run_stage(recipe, name, stages, RUNNERS) for name in stages}
 
 
 def _pairs(recipe, out: Path, inputs) -> dict:
@@ -72,25 +62,14 @@ def _dpo(recipe, out: Path, inputs) -> dict:
 def reward_accuracy(policy_path, reference_path, pairs_path: Path, beta: float, max_length: int) -> dict:
     """Share of held-out pairs whose implicit reward beta * log(policy / reference) is higher
     for the chosen answer than for the rejected one, with a 95% interval."""
-    from dalign.data import read_rows
-
     tokenizer = AutoTokenizer.from_pretrained(policy_path)
-    rows = read_rows(pairs_path)
-    pairs = [Pair(completion_example(tokenizer, r["prompt"], r["chosen"]),
-                  completion_example(tokenizer, r["prompt"], r["rejected"])) for r in rows]
-    pairs = [p for p in pairs if max(len(p.chosen.input_ids), len(p.rejected.input_ids)) <= max_length]
-    margins = {}
-    for label, path in (("policy", policy_path), ("reference", reference_path)):
-        model = load_model(path).eval()
-        values = []
-        for start in range(0, len(pairs), 8):
-            chunk = pairs[start:start + 8]
-            logps = sequence_logps(model, collate_pairs(chunk, tokenizer.pad_token_id))
-            values += (logps[:len(chunk)] - logps[len(chunk):]).tolist()
-        margins[label] = values
+    dropped: Counter = Counter()
+    pairs = make_pairs(read_rows(pairs_path), tokenizer, max_length, dropped)
+    margins = {label: [c - r for c, r in pair_logps(load_model(path).eval(), pairs, 8, tokenizer.pad_token_id)]
+               for label, path in (("policy", policy_path), ("reference", reference_path))}
     wins = [float(beta * (p - r) > 0) for p, r in zip(margins["policy"], margins["reference"])]
     rate, half = mean_ci(wins)
-    return {"reward_accuracy": rate, "ci95": half, "pairs": len(wins), "too_long": len(rows) - len(wins)}
+    return {"reward_accuracy": rate, "ci95": half, "pairs": len(wins), "too_long": dropped["too_long"]}
 
 
 def _evaluate(recipe, out: Path, inputs) -> dict:
@@ -105,3 +84,6 @@ def _evaluate(recipe, out: Path, inputs) -> dict:
         for label, model in (("before", start), ("after", str(trained))):
             facts[f"mc_{label}"] = run_mc(MCConfig(model=str(model), **recipe.real.mc), out / f"mc_{label}")["results"]
     return facts
+
+
+RUNNERS = {"pairs": _pairs, "dpo": _dpo, "evaluate": _evaluate}

@@ -58,28 +58,27 @@ class MissingInputError(RuntimeError):
     """A stage was asked for before the stage it reads from has completed."""
 
 
-def _stage(recipe: RecipeConfig, name: str) -> Stage:
-    return Stage(recipe.run_dir, name, plan(recipe)[name][1])
-
-
 def _flaws(teacher) -> Flaws:
     return Flaws(**teacher.model_dump(exclude={"seed"}))
 
 
-def run_stage(recipe: RecipeConfig, name: str) -> dict:
-    stage = _stage(recipe, name)
+def run_stage(recipe: RecipeConfig, name: str, stages: dict | None = None, runners: dict | None = None) -> dict:
+    """Run one stage unless its manifest says complete. `stages` (a plan) and `runners` are the
+    offline recipe's unless given: a recipe on a real model passes its own (dalign.real)."""
+    stages, runners = stages or plan(recipe), runners or RUNNERS
+    stage = Stage(recipe.run_dir, name, stages[name][1])
     if stage.done():
         print(f"[{name}] complete in {stage.dir}, skipped")
         return stage.read()
     inputs = {}
-    for needed in plan(recipe)[name][0]:
-        upstream = _stage(recipe, needed)
+    for needed in stages[name][0]:
+        upstream = Stage(recipe.run_dir, needed, stages[needed][1])
         if not upstream.done():
             raise MissingInputError(f"stage {needed} has not completed in {recipe.run_dir}; run it first (dalign run)")
         inputs[needed] = upstream.dir
     stage.start()
     print(f"[{name}] running in {stage.dir}")
-    facts = RUNNERS[name.split("-")[0]](recipe, stage.dir, inputs, *name.split("-", 1)[1:])
+    facts = runners[name.split("-")[0]](recipe, stage.dir, inputs, *name.split("-", 1)[1:])
     return stage.finish(recipe=recipe.name, inputs={k: str(v) for k, v in inputs.items()}, **facts)
 
 
@@ -190,7 +189,7 @@ def run_recipe(recipe: RecipeConfig, only: str | None = None) -> dict:
         names = [n for n in stages if n.startswith("dpo-")]
     else:
         names = list(stages) if only is None else [only]
-    return {name: run_stage(recipe, name) for name in names}
+    return {name: run_stage(recipe, name, stages) for name in names}
 
 
 def score_table(evaluation: dict) -> str:
