@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from dalign.data import ReadReport, RowError, _raw_rows, validate_dialogue, validate_preference
+from dalign.data import ReadReport, RowError, _check_row_is_dict, _raw_rows, validate_dialogue, validate_preference
 
 logger = logging.getLogger("dalign.readers")
 
@@ -126,8 +126,7 @@ def _read(source: SourceConfig, convert: Callable[[dict], dict], fields: tuple[s
         try:
             if isinstance(raw, RowError):
                 raise raw
-            if not isinstance(raw, dict):
-                raise RowError(f"row is {type(raw).__name__}, expected an object", reason="wrong_type")
+            _check_row_is_dict(raw)
             row = {k: v for k, v in raw.items() if k not in columns.values()}
             for field, col in columns.items():
                 if col not in raw:
