@@ -10,6 +10,7 @@ from pathlib import Path
 from dalign.config import ConfigError, load_recipe
 from dalign.data import RowError
 from dalign.manifest import StageDirError
+from dalign.models import ModelError
 from dalign.run import MissingInputError, run_recipe, score_table
 
 DEFAULT_RECIPE = None  # the built-in offline world; recipes/offline.yaml spells the same values out
@@ -40,7 +41,6 @@ def _evaluate_mc(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from dalign.mc import MCConfig, MCError, MCTask, files_in, mc_table, run_mc
-    from dalign.models import ModelError
 
     def task_named(name: str) -> MCTask:
         if name not in {t.value for t in MCTask}:
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(manifests["evaluate"].get("held_out"), indent=1))
             return 0
         manifests = run_recipe(recipe, only=stage)
-    except (ConfigError, RowError, StageDirError, MissingInputError) as err:
+    except (ConfigError, RowError, StageDirError, MissingInputError, ModelError) as err:
         print(f"dalign: error: {err}", file=sys.stderr)
         return 2
     if "evaluate" in manifests:
