@@ -28,6 +28,19 @@ class Sampling:
     stop: tuple[str, ...] = ()  # a reply ends before the first of these strings
 
 
+Samplings = Sampling | Sequence[Sampling]  # one for the whole batch, or one per row
+
+
+def per_row(sampling: Samplings, n: int) -> list[Sampling]:
+    """One Sampling per row: a single one is shared by all n rows; a sequence must have n."""
+    if isinstance(sampling, Sampling):
+        return [sampling] * n
+    rows = list(sampling)
+    if len(rows) != n:
+        raise ValueError(f"{len(rows)} sampling settings for {n} conversations: give one, or one per conversation")
+    return rows
+
+
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     """The text up to the first stop string (servers differ on whether they keep it)."""
     ends = [i for i in (text.find(s) for s in stop if s) if i >= 0]
@@ -37,9 +50,11 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
 class Backend(Protocol):
     name: str
 
-    def generate(self, conversations: Sequence[Conversation], sampling: Sampling) -> list[str | None]:
+    def generate(self, conversations: Sequence[Conversation], sampling: Samplings) -> list[str | None]:
         """One reply per conversation, in order. Implementations may batch or run requests
-        concurrently inside; callers pass whole batches so that they can.
+        concurrently inside; callers pass whole batches so that they can. `sampling` is one
+        setting for every row or one per row (`per_row`): a temperature, a length or a seed
+        of its own for each request.
 
         A reply is None when a remote backend gave up on that row after its retries; the
         stage counts the row as failed (a rerun asks again) rather than losing it."""

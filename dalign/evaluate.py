@@ -38,13 +38,8 @@ def make_questions(per_category: int, seed: int, exclude: set[str]) -> list[dict
 
 
 def _answer(model: Backend, convs: list[list[dict]], temps: list[float], cfg: EvalConfig, seed: int) -> list[str]:
-    """Answers grouped by temperature so each group is one batched call."""
-    out: list[str] = [""] * len(convs)
-    for t in sorted(set(temps)):
-        idx = [i for i, x in enumerate(temps) if x == t]
-        for i, text in zip(idx, model.generate([convs[i] for i in idx], Sampling(t, cfg.max_new_tokens, seed))):
-            out[i] = text
-    return out
+    """Answers, each at its category's temperature (per-row sampling: the backend groups them)."""
+    return model.generate(convs, [Sampling(t, cfg.max_new_tokens, seed) for t in temps])
 
 
 def _judge(judge: Backend, convs: list[list[dict]], failures: list) -> list[dict]:
@@ -76,7 +71,10 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), half
 
 
-def evaluate_mt_bench(model: Backend, judge: Backend, questions: list[dict], cfg: EvalConfig) -> dict:
+def evaluate_mt_bench(model: Backend, judge: Backend, questions: list[dict], cfg: EvalConfig,
+                      correctness: bool = True) -> dict:
+    """`correctness`: the judge also says whether an answer is right (the world's does), which
+    adds greedy accuracy and pass@k; MT-Bench's own judge gives only the 1-10 rating."""
     temps = [CATEGORIES[q["category"]].temperature for q in questions]
     convs = [[{"role": "user", "content": q["turns"][0]}] for q in questions]
     first = _answer(model, convs, temps, cfg, cfg.seed)
@@ -88,6 +86,8 @@ def evaluate_mt_bench(model: Backend, judge: Backend, questions: list[dict], cfg
                         for q, c, a in zip(questions, convs, first)], failures)
     j2 = _judge(judge, [_reference(q, 1) + c + [{"role": "assistant", "content": a}]
                         for q, c, a in zip(questions, convs2, second)], failures)
+    if not correctness:
+        return _summary(model, judge, questions, first, second, j1, j2, failures)
     # Greedy accuracy and pass@k on the first turns.
     greedy = model.generate(convs, Sampling(0.0, cfg.max_new_tokens, cfg.seed))
     jg = _judge(judge, [c + [{"role": "assistant", "content": a}] for c, a in zip(convs, greedy)], failures)
@@ -116,4 +116,20 @@ def evaluate_mt_bench(model: Backend, judge: Backend, questions: list[dict], cfg
             "first_turn_correct": statistics.fmean(r["first_turn_correct"] for r in answers),
             "greedy_accuracy": statistics.fmean(r["greedy_correct"] for r in answers),
             "pass_at_k": statistics.fmean(r["pass_at_k"] for r in answers), "k": cfg.pass_k,
+            "judge_failures": len(failures), "answers": answers}
+
+
+def _summary(model: Backend, judge: Backend, questions: list[dict], first: list, second: list, j1: list, j2: list,
+             failures: list) -> dict:
+    """MT-Bench's own summary: the mean 1-10 rating over both turns, overall and per category."""
+    answers, by_cat = [], defaultdict(list)
+    for i, q in enumerate(questions):
+        scores = [j["score"] for j in (j1[i], j2[i]) if j["score"] is not None]
+        answers.append({**q, "answers": [first[i], second[i]], "judgments": [j1[i], j2[i]],
+                        "score": statistics.fmean(scores) if scores else None})
+        if answers[-1]["score"] is not None:
+            by_cat[q["category"]].append(answers[-1]["score"])
+    overall, half = mean_ci([a["score"] for a in answers if a["score"] is not None])
+    return {"model": model.name, "judge": judge.name, "questions": len(questions), "score": overall, "ci95": half,
+            "categories": {c: {"score": statistics.fmean(v)} for c, v in by_cat.items()},
             "judge_failures": len(failures), "answers": answers}

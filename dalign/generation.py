@@ -8,13 +8,14 @@ padding, and the replies come back in the caller's order.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dalign.backends import Conversation, Sampling, cut_at_stop
+from dalign.backends import Conversation, Sampling, Samplings, cut_at_stop, per_row
 from dalign.chat import prompt_ids
 
 
@@ -29,16 +30,25 @@ class LocalModel:
         return cls(AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path), batch_size, str(path))
 
     @torch.no_grad()
-    def generate(self, conversations: Sequence[Conversation], sampling: Sampling = Sampling()) -> list[str]:
+    def generate(self, conversations: Sequence[Conversation], sampling: Samplings = Sampling()) -> list[str]:
+        """Rows that share sampling settings are batched together (one `generate` call cannot mix
+        them). Seeds are the exception: a batch draws from one generator, seeded by its first
+        row's seed, so per-row seeds do not split batches (a server, by contrast, honours each)."""
         started = time.perf_counter()
         prompts = [prompt_ids(self.tokenizer, c) for c in conversations]
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        settings = per_row(sampling, len(prompts))
         replies: list[str] = [""] * len(prompts)
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start:start + self.batch_size]
-            torch.manual_seed(sampling.seed + start)  # reproducible samples whatever ran before
-            for i, text in zip(chunk, self._batch([prompts[i] for i in chunk], sampling)):
-                replies[i] = cut_at_stop(text, sampling.stop)
+        groups = {}  # settings but the seed -> rows, in first-seen order
+        for i, s in enumerate(settings):
+            groups.setdefault(replace(s, seed=0), []).append(i)
+        for rows in groups.values():
+            setting = settings[rows[0]]
+            order = sorted(rows, key=lambda i: len(prompts[i]))
+            for start in range(0, len(order), self.batch_size):
+                chunk = order[start:start + self.batch_size]
+                torch.manual_seed(setting.seed + start)  # reproducible samples whatever ran before
+                for i, text in zip(chunk, self._batch([prompts[i] for i in chunk], setting)):
+                    replies[i] = cut_at_stop(text, setting.stop)
         self.seconds += time.perf_counter() - started
         return replies
 

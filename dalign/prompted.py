@@ -11,7 +11,7 @@ from __future__ import annotations
 from importlib.resources import files
 from typing import Sequence
 
-from dalign.backends import Backend, Conversation, Sampling
+from dalign.backends import Backend, Conversation, Sampling, Samplings
 
 REFERENCE_PREFIX = "Reference answer:\n"  # a system message the evaluation adds for math, reasoning, coding
 TOPIC_PREFIX = "Topic: "  # the system message a dialogue starts from (see dalign.generate)
@@ -32,7 +32,7 @@ class PromptedUser:
         self.model, self.name = model, name or f"user-simulator({model.name})"
         self.opening, self.followup = template("user_opening.txt"), template("user_followup.txt")
 
-    def generate(self, conversations: Sequence[Conversation], sampling: Sampling = Sampling()) -> list[str | None]:
+    def generate(self, conversations: Sequence[Conversation], sampling: Samplings = Sampling()) -> list[str | None]:
         requests = []
         for conv in conversations:
             turns = [m for m in conv if m["role"] != "system"]
@@ -53,7 +53,7 @@ class PromptedJudge:
         self.model, self.name = model, name or f"judge({model.name})"
         self.text = template("judge_single.txt")
 
-    def generate(self, conversations: Sequence[Conversation], sampling: Sampling = Sampling()) -> list[str | None]:
+    def generate(self, conversations: Sequence[Conversation], sampling: Samplings = Sampling()) -> list[str | None]:
         return self.model.generate([[{"role": "user", "content": self.request(c)}] for c in conversations], sampling)
 
     def request(self, conv: Conversation) -> str:

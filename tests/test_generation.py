@@ -18,8 +18,18 @@ CONVS = [[{"role": "user", "content": q}] for q in
 
 @pytest.fixture
 def local(world_tokenizer, one_thread):
+    model = build_model(TINY, world_tokenizer, seed=0)
+    # At its small default init the model only repeats a newline, which strips to "": wider
+    # random weights make every reply a distinct string, so the comparisons below mean something.
     torch.manual_seed(0)
-    return LocalModel(build_model(TINY, world_tokenizer, seed=0), world_tokenizer, batch_size=4)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.2)
+    local = LocalModel(model, world_tokenizer, batch_size=4)
+    assert all(local.generate(CONVS, Sampling(0.0, 12)))
+    local.generated_tokens, local.seconds = 0, 0.0
+    return local
 
 
 def test_batched_greedy_equals_one_at_a_time(local):
@@ -48,3 +58,14 @@ def test_throughput_is_counted(local):
 def test_cut_at_stop_takes_the_earliest():
     assert cut_at_stop("abc. def\\nghi", (".", "\\n")) == "abc"
     assert cut_at_stop("abc", ("x",)) == "abc" and cut_at_stop("abc", ()) == "abc"
+
+
+def test_sampling_settings_can_differ_per_row(local):
+    # Each row's reply under its own settings equals that row generated alone with them.
+    settings = [Sampling(0.0, 4), Sampling(0.0, 12), Sampling(0.0, 4, stop=("e",)), Sampling(0.0, 12)]
+    mixed = local.generate(CONVS, settings)
+    alone = [local.generate([c], s)[0] for c, s in zip(CONVS, settings)]
+    assert mixed == alone
+    assert mixed != local.generate(CONVS, Sampling(0.0, 12))  # the short and stopped rows did change
+    with pytest.raises(ValueError, match="one per conversation"):
+        local.generate(CONVS, settings[:2])

@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from dalign.backends import Conversation, Sampling
+from dalign.backends import Conversation, Sampling, Samplings
 from dalign.judging import ASPECTS
 from dalign.world import CATEGORIES, parse_dialogue
 from dalign.world.roles import user_turns
@@ -103,7 +103,7 @@ class WorldJudge:
     def __init__(self, name: str = "world-judge"):
         self.name = name
 
-    def generate(self, conversations: Sequence[Conversation], sampling: Sampling = Sampling()) -> list[str]:
+    def generate(self, conversations: Sequence[Conversation], sampling: Samplings = Sampling()) -> list[str]:
         out = []
         for conv in conversations:
             if not conv or conv[-1]["role"] != "assistant":
@@ -130,7 +130,7 @@ class _RequestReader:
     def __init__(self, name: str):
         self.name = name
 
-    def generate(self, conversations: Sequence[Conversation], sampling: Sampling = Sampling()) -> list[str]:
+    def generate(self, conversations: Sequence[Conversation], sampling: Samplings = Sampling()) -> list[str]:
         replies = []
         for conv in conversations:
             request = self.read(conv[-1]["content"])

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from dalign.backends import Conversation, Sampling, conversation_rng
+from dalign.backends import Conversation, Sampling, Samplings, conversation_rng
 from dalign.world import CATEGORIES, parse_dialogue
 from dalign.world.task import Constraint
 
@@ -46,7 +46,7 @@ class WorldTeacher:
     def __init__(self, flaws: Flaws = Flaws(), seed: int = 0, name: str = "world-teacher"):
         self.flaws, self.seed, self.name = flaws, seed, name
 
-    def generate(self, conversations: Sequence[Conversation], sampling: Sampling = Sampling()) -> list[str]:
+    def generate(self, conversations: Sequence[Conversation], sampling: Samplings = Sampling()) -> list[str]:
         return [self.answer(c) for c in conversations]
 
     def answer(self, conversation: Conversation) -> str:
@@ -78,7 +78,7 @@ class WorldUser:
     def __init__(self, seed: int = 0, constraint_rate: float = 0.5, name: str = "world-user"):
         self.seed, self.constraint_rate, self.name = seed, constraint_rate, name
 
-    def generate(self, conversations: Sequence[Conversation], sampling: Sampling = Sampling()) -> list[str]:
+    def generate(self, conversations: Sequence[Conversation], sampling: Samplings = Sampling()) -> list[str]:
         return [self.ask(c) for c in conversations]
 
     def ask(self, conversation: Conversation) -> str:
