@@ -19,7 +19,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dalign.chat import IGNORE, TemplateError, prompt_ids, tokenize_dialogue
-from dalign.config import DPOConfig, LoraConfig
+from dalign import adapters
+from dalign.config import DPOConfig
 from dalign.data import read_rows, validate_preference, write_json
 from dalign.losses import PreferenceLoss, preference_loss
 from dalign.train import Example, collate, train
@@ -80,7 +81,8 @@ def pair_logps(model, pairs: list[Pair], batch_size: int, pad_id: int, mean: boo
     values = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
-        logps = sequence_logps(model, collate_pairs(chunk, pad_id), mean=mean).tolist()
+        batch = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in collate_pairs(chunk, pad_id).items()}
+        logps = sequence_logps(model, batch, mean=mean).tolist()
         values += list(zip(logps[:len(chunk)], logps[len(chunk):]))
     return values
 
@@ -111,14 +113,6 @@ class PreferenceObjective:
         return losses.sum(), {"rewards/chosen": r_chosen.sum().item(), "rewards/rejected": r_rejected.sum().item(),
                               "rewards/margin": margin.sum().item(), "rewards/accuracy": (margin > 0).sum().item(),
                               "logps/chosen": chosen.detach().sum().item(), "logps/rejected": rejected.detach().sum().item()}
-
-
-def with_lora(model, lora: LoraConfig):
-    """The model with trainable low-rank adapters; its own weights are frozen."""
-    import peft
-
-    return peft.get_peft_model(model, peft.LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                                      target_modules=lora.target_modules, task_type="CAUSAL_LM"))
 
 
 def _file_hash(path: Path) -> str:
@@ -153,6 +147,7 @@ def reference_logps(reference_path: Path, pairs: list[Pair], pairs_path: Path, c
 
 
 def run_dpo(cfg: DPOConfig, policy_path: Path, reference_path: Path, pairs_path: Path, out: Path) -> dict:
+    adapters.check(cfg.lora, "dpo")
     tokenizer = AutoTokenizer.from_pretrained(policy_path)
     rows = read_rows(pairs_path, validate=validate_preference)
     dropped: Counter = Counter()
@@ -160,21 +155,16 @@ def run_dpo(cfg: DPOConfig, policy_path: Path, reference_path: Path, pairs_path:
     if not pairs:
         raise ValueError(f"{pairs_path}: no preference pair left to train on (dropped: {dict(dropped)})")
     out.mkdir(parents=True, exist_ok=True)
-    model = AutoModelForCausalLM.from_pretrained(policy_path)
-    if cfg.lora is not None:
-        if Path(reference_path).resolve() != Path(policy_path).resolve():
-            raise ValueError("with LoRA the reference is the starting model with its adapters off: "
-                             f"policy {policy_path} and reference {reference_path} must be the same")
-        model = with_lora(model, cfg.lora)
+    if cfg.lora is not None and Path(reference_path).resolve() != Path(policy_path).resolve():
+        raise ValueError("with LoRA the reference is the starting model with its adapters off: "
+                         f"policy {policy_path} and reference {reference_path} must be the same")
+    model = adapters.load_trainable(policy_path, cfg.lora)
     ref_key = reference_logps(reference_path, pairs, pairs_path, cfg, out / "reference_logps.json",
                               tokenizer.pad_token_id, adapted=model if cfg.lora is not None else None)
     model.train()
     summary = train(model, pairs, lambda chunk: collate_pairs(chunk, tokenizer.pad_token_id), cfg, out,
                     objective=PreferenceObjective(cfg.beta, cfg.loss, cfg.chosen_nll), desc="dpo")
-    if cfg.lora is not None:
-        model.save_pretrained(out / "adapter")
-        model = model.merge_and_unload()  # a plain transformers model, loadable without PEFT
-    model.save_pretrained(out / "model")
+    adapters.save_trained(model, policy_path, cfg.lora, out)
     tokenizer.save_pretrained(out / "model")
     return {**summary, "rows": {"kept": len(pairs), "dropped": dict(dropped)}, "reference": str(reference_path),
             "reference_logps_key": ref_key}

@@ -60,7 +60,6 @@ def dry_run(recipe: RecipeConfig) -> str:
         raise ConfigError("--dry-run needs a recipe with a `real:` section (a Hugging Face base model)")
     model = model_on_meta(recipe)
     params = sum(p.numel() for p in model.parameters())
-    trainable = params if real.lora_rank is None else _lora_params(model, real.lora_rank)
     lines = [f"recipe {recipe.name}: base model {real.model} ({type(model).__name__}), "
              f"{params / 1e9:.2f}B parameters, {real.dtype}, {real.processes} processes, sharding {real.sharding}"]
     for name, cfg, rows, ref in (("sft", recipe.sft, real.sft_rows, False), ("dpo", recipe.dpo, real.dpo_rows, True)):
@@ -69,7 +68,9 @@ def dry_run(recipe: RecipeConfig) -> str:
             continue
         batch = cfg.per_device_batch_size * cfg.gradient_accumulation * real.processes
         steps = math.ceil(rows * cfg.epochs / batch) if cfg.max_steps is None else cfg.max_steps
-        mem = memory_per_gpu(params, trainable, recipe, with_reference=ref)
+        trainable = params if cfg.lora is None else _lora_params(model, cfg.lora.rank)
+        # With adapters the reference is the same weights with the adapters off: no second copy.
+        mem = memory_per_gpu(params, trainable, recipe, with_reference=ref and cfg.lora is None)
         lines.append(
             f"  {name}: global batch {batch} = {cfg.per_device_batch_size} per device x {cfg.gradient_accumulation} "
             f"accumulation x {real.processes} processes; {rows} rows x {cfg.epochs:g} epochs = {steps} steps; "

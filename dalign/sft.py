@@ -12,8 +12,9 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
+from dalign import adapters
 from dalign.chat import tokenize_dialogue
 from dalign.config import SFTConfig
 from dalign.data import ReadReport, read_rows, validate_dialogue
@@ -37,9 +38,11 @@ def replay_examples(tokens: np.ndarray, count: int, length: int, seed: int) -> l
     return [Example(tokens[s:s + length].tolist(), tokens[s:s + length].tolist()) for s in starts]
 
 
-def run_sft(cfg: SFTConfig, model_path: Path, dialogues: Path, out: Path, replay_tokens: np.ndarray | None) -> dict:
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path)
+def run_sft(cfg: SFTConfig, model_path: Path, dialogues: Path, out: Path, replay_tokens: np.ndarray | None,
+            tokenizer=None) -> dict:
+    """`tokenizer`: given when the model folder's own lacks the chat template (a real base model)."""
+    adapters.check(cfg.lora, "sft")
+    tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_path)
     report = ReadReport(str(dialogues))
     rows = read_rows(dialogues, validate=validate_dialogue, skip_bad=cfg.skip_bad_rows, report=report)
     dropped = Counter(report.dropped)
@@ -55,8 +58,9 @@ def run_sft(cfg: SFTConfig, model_path: Path, dialogues: Path, out: Path, replay
     random.Random(cfg.seed).shuffle(order)  # packing mixes dialogues and replay in every row
     ordered = [examples[i] for i in order]
     rows_to_train = pack(ordered, cfg.max_length) if cfg.packing else [[e] for e in ordered]
+    model = adapters.load_trainable(model_path, cfg.lora)
     summary = train(model, rows_to_train, partial(collate, pad_id=tokenizer.pad_token_id), cfg, out, desc="sft")
-    model.save_pretrained(out / "model")
+    adapters.save_trained(model, model_path, cfg.lora, out)
     tokenizer.save_pretrained(out / "model")
     return {**summary, "rows": {"kept": len(examples) - n_replay, "dropped": dict(dropped), "replay": n_replay},
             "read_errors": report.examples}

@@ -1,0 +1,67 @@
+"""LoRA and QLoRA adapters (PEFT) for the training stages.
+
+With adapters only the low-rank matrices train; the starting weights stay frozen, so the
+DPO reference is the same model with its adapters switched off. QLoRA also keeps the
+frozen weights in 4-bit NF4 through bitsandbytes, which runs on CUDA GPUs only: a recipe
+that asks for it elsewhere is refused by `check` before any model is loaded or row read.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from dalign.config import ConfigError, LoraConfig
+
+
+def check(lora: LoraConfig | None, where: str) -> None:
+    """Refuse at once what cannot run on this machine (`where` names the recipe section)."""
+    if lora is None:
+        return
+    if importlib.util.find_spec("peft") is None:
+        raise ConfigError(f"{where}.lora needs the peft package: pip install peft")
+    if lora.load_in_4bit:
+        missing = [need for need, ok in (("the bitsandbytes package (pip install bitsandbytes)",
+                                          importlib.util.find_spec("bitsandbytes") is not None),
+                                         ("a CUDA GPU", torch.cuda.is_available())) if not ok]
+        if missing:
+            raise ConfigError(f"{where}.lora.load_in_4bit (QLoRA) needs {' and '.join(missing)}, which this "
+                              f"machine lacks; set {where}.lora.load_in_4bit: false for plain LoRA")
+
+
+def load_trainable(path: str | Path, lora: LoraConfig | None):
+    """The model to train from `path`: every weight, or frozen weights (4-bit for QLoRA) with adapters."""
+    if lora is None:
+        return AutoModelForCausalLM.from_pretrained(path)
+    import peft
+
+    if lora.load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, device_map={"": 0})
+        model = peft.prepare_model_for_kbit_training(model)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path)
+    return peft.get_peft_model(model, peft.LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                      target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+
+
+def save_trained(model, start: str | Path, lora: LoraConfig | None, out: Path) -> None:
+    """Save `out/model` as a plain transformers model (adapters merged in) and the adapters alone
+    in `out/adapter`. A 4-bit model is merged into a full-precision copy of the start: merging
+    into rounded weights would add the rounding error to every weight."""
+    if lora is None:
+        model.save_pretrained(out / "model")
+        return
+    model.save_pretrained(out / "adapter")
+    if lora.load_in_4bit:
+        import peft
+
+        full = AutoModelForCausalLM.from_pretrained(start, dtype=torch.bfloat16)
+        model = peft.PeftModel.from_pretrained(full, out / "adapter")
+    model.merge_and_unload().save_pretrained(out / "model")
