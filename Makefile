@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test clean
+.PHONY: demo test smollm2 clean
 
 # torch goes in first, from its pinned CPU build: anything that pulls torch before it
 # would bring the multi-gigabyte CUDA build.
@@ -19,6 +19,10 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/dalign run recipes/offline.yaml
+
+# The real path on a real model, on a CPU: dDPO with LoRA on SmolLM2-135M-Instruct (needs ../shared/data).
+smollm2: $(STAMP)
+	$(BIN)/dalign run recipes/smollm2-135m-cpu.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -40,6 +40,45 @@ class TeacherConfig(Strict):
     """Seed of the teacher's choices (each reply is also seeded by its conversation)."""
 
 
+class OpenAIConfig(Strict):
+    """A model behind an OpenAI-compatible chat-completions server (dalign.openai_backend)."""
+
+    model_config = ConfigDict(strict=True)
+
+    base_url: str
+    """Server root including the API version, e.g. 'https://api.openai.com/v1' or 'http://localhost:8000/v1'."""
+    model: str
+    """Model name sent with every request."""
+    api_key_env: str | None = "OPENAI_API_KEY"
+    """Name of the environment variable holding the API key; None for servers that need none."""
+    max_concurrency: int = Field(8, ge=1)
+    """Requests in flight at once (threads)."""
+    timeout_s: float = Field(120.0, gt=0)
+    """Seconds a request may take before it is abandoned and retried."""
+    max_retries: int = Field(6, ge=0)
+    """Retries per request after the first attempt; a request failing all of them is reported failed."""
+    backoff_base_s: float = Field(1.0, gt=0)
+    """Backoff before retry k is drawn uniformly from [0, min(backoff_max_s, backoff_base_s * 2**k)]."""
+    backoff_max_s: float = Field(60.0, gt=0)
+    """Longest wait between attempts, Retry-After included."""
+    requests_per_minute: int | None = Field(None, ge=1)
+    """Most requests started in any 60 s window; None for no limit."""
+    tokens_per_minute: int | None = Field(None, ge=1)
+    """Most tokens (prompt + completion) in any 60 s window, estimated until usage comes back; None for no limit."""
+    cache_dir: str | None = None
+    """Folder of cached replies; None disables the cache."""
+    top_p: float | None = Field(None, gt=0, le=1)
+    """Nucleus sampling mass; None leaves the server default."""
+    stop: list[str] | None = None
+    """Strings at which the server stops generating; None for none."""
+
+    @model_validator(mode="after")
+    def _backoff_order(self):
+        if self.backoff_base_s > self.backoff_max_s:
+            raise ValueError(f"backoff_base_s {self.backoff_base_s} is above backoff_max_s {self.backoff_max_s}")
+        return self
+
+
 class ModelShape(Strict):
     vocab_size: int = Field(1536, ge=300)
     """Upper bound on the BPE vocabulary trained on world text."""
@@ -127,6 +166,21 @@ class DialoguesConfig(Strict):
         return self
 
 
+class LoraConfig(Strict):
+    """Low-rank adapters (PEFT) instead of training every weight."""
+
+    rank: int = Field(16, ge=1)
+    """Rank r of each adapter (the paper's QLoRA recipes: 16 for SFT, 128 for DPO)."""
+    alpha: float = Field(32.0, gt=0)
+    """Scale: the adapter's update is multiplied by alpha / rank."""
+    dropout: float = Field(0.05, ge=0, lt=1)
+    """Dropout on the adapter's input."""
+    target_modules: str | list[str] = "all-linear"
+    """Layers that get adapters: 'all-linear' (every linear layer but the output head) or names."""
+    load_in_4bit: bool = False
+    """QLoRA: keep the frozen weights in 4-bit NF4 (bitsandbytes, CUDA GPUs only); checked before any work."""
+
+
 class SFTConfig(TrainConfig):
     learning_rate: float = Field(2e-3, gt=0)
     """Peak learning rate of AdamW (high: the student is tiny and sees each dialogue twice)."""
@@ -140,6 +194,8 @@ class SFTConfig(TrainConfig):
     """Share of training sequences that are pretraining text, so base knowledge survives."""
     skip_bad_rows: bool = False
     """Drop and count malformed dialogue rows instead of stopping at the first one."""
+    lora: LoraConfig | None = None
+    """Train LoRA adapters instead of every weight; the saved model has them merged in."""
 
 
 class MemberConfig(Strict):
@@ -148,16 +204,19 @@ class MemberConfig(Strict):
     name: str
     """Name recorded with each completion it writes."""
     model: str | None = None
-    """'sft' or 'base' (this run's stages) or a model folder; None for a world generator."""
+    """'sft' or 'base' (this run's stages; on a real recipe 'start' is its model), a model folder,
+    hub id or built-in name; None for a world generator or a server."""
     temperature: float = Field(0.7, ge=0)
     """Sampling temperature of this member."""
     flaws: TeacherConfig | None = None
     """For a world generator: its flaw rates, the world's stand-in for a weaker model of the pool."""
+    openai: OpenAIConfig | None = None
+    """For a model behind an OpenAI-compatible server (vLLM, TGI, an API): where and which."""
 
     @model_validator(mode="after")
     def _one_source(self):
-        if (self.model is None) == (self.flaws is None):
-            raise ValueError(f"member {self.name!r} needs exactly one of model or flaws")
+        if sum(x is not None for x in (self.model, self.flaws, self.openai)) != 1:
+            raise ValueError(f"member {self.name!r} needs exactly one of model, flaws or openai")
         return self
 
 
@@ -203,19 +262,6 @@ class PairsConfig(Strict):
     """Share of prompts held out as the test split."""
     seed: int = 0
     """Seed of the picks and of the split."""
-
-
-class LoraConfig(Strict):
-    """Low-rank adapters (PEFT) instead of training every weight."""
-
-    rank: int = Field(16, ge=1)
-    """Rank r of each adapter (the paper's QLoRA recipes: 16 for SFT, 128 for DPO)."""
-    alpha: float = Field(32.0, gt=0)
-    """Scale: the adapter's update is multiplied by alpha / rank."""
-    dropout: float = Field(0.05, ge=0, lt=1)
-    """Dropout on the adapter's input."""
-    target_modules: str | list[str] = "all-linear"
-    """Layers that get adapters: 'all-linear' (every linear layer but the output head) or names."""
 
 
 class DPOConfig(TrainConfig):
@@ -284,18 +330,34 @@ class RealConfig(Strict):
     """Training processes over all nodes (accelerate's num_processes, one per GPU)."""
     sharding: str = Field("none", pattern="^(none|zero2|zero3|fsdp)$")
     """How weights, gradients and optimizer states are split over processes (DeepSpeed ZeRO or FSDP)."""
-    lora_rank: int | None = Field(None, ge=1)
-    """Train rank-r LoRA adapters instead of every weight; None for full fine-tuning."""
+    chat_template: str | None = None
+    """Jinja chat template (or 'zephyr', the paper's) for a model whose tokenizer has none, such as a
+    base model; None keeps the tokenizer's."""
     skip: list[str] = Field(default_factory=list)
     """Training stages not run, e.g. ['sft'] for a model that is already instruction-tuned."""
     sft_rows: int = Field(0, ge=0)
     """Rows of the dSFT data, for planning before the data is at hand (ultrachat_200k train_sft: 207,865)."""
     dpo_rows: int = Field(0, ge=0)
     """Preference pairs, for planning (ultrafeedback_binarized train_prefs: 61,135)."""
+    dialogues: SourceConfig | None = None
+    """dSFT data: ultrachat_200k-style dialogues; None generates them with the teacher (the `dialogues` section)."""
+    topics: list[str] = Field(default_factory=list)
+    """Seed topics the user simulator opens dialogues from, cycled to dialogues.n_dialogues."""
+    teacher: OpenAIConfig | None = None
+    """Writes the dSFT answers and rates the ensemble's completions (GPT-4 in the paper)."""
+    user_simulator: OpenAIConfig | None = None
+    """Asks the dialogue's questions from templates; None uses the teacher's server and model."""
     pairs: SourceConfig | None = None
-    """Preference pairs to train on (ultrafeedback_binarized-style; see dalign/readers.py)."""
+    """Preference pairs to train on (ultrafeedback_binarized-style); None makes them by AI feedback:
+    the `completions` section's members answer `prompts`, the teacher rates, `pairs` binarizes."""
+    prompts: SourceConfig | None = None
+    """AI-feedback prompts: rows with `prompt` (text or messages) or `instruction`."""
     held_out: SourceConfig | None = None
-    """Preference pairs held out for the reward accuracy (another part of the same data, or a test split)."""
+    """Preference pairs held out for the reward accuracy; None uses the AI-feedback test split."""
+    judge: OpenAIConfig | None = None
+    """MT-Bench judge (GPT-4 in the paper); None skips the MT-Bench evaluation."""
+    mt_bench: SourceConfig | None = None
+    """MT-Bench question file (question_id, category, turns, reference), judged when `judge` is set."""
     mc: dict[str, Any] | None = None
     """Multiple-choice benchmarks before and after: dalign.mc.MCConfig's fields but the model; None skips them."""
 
@@ -334,7 +396,7 @@ class RecipeConfig(Strict):
     evaluate: EvalConfig = EvalConfig()
     """MT-Bench-style evaluation in the world."""
     real: RealConfig | None = None
-    """A real base model; None runs the offline world. So far only `dalign run --dry-run` reads it."""
+    """A real Hugging Face model and its data and roles (dalign.real); None runs the offline world."""
 
 
 def _set(tree: dict, dotted: str, value: Any) -> None:

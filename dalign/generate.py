@@ -13,13 +13,14 @@ import json
 import random
 from collections import Counter
 from pathlib import Path
+from typing import Sequence
 
 from dalign.backends import Backend, Sampling
 from dalign.chat import render
 from dalign.config import DialoguesConfig
 from dalign.data import write_rows
 from dalign.parts import in_parts
-from dalign.world.roles import seed_topics
+from dalign.world.roles import TOPIC_PREFIX, seed_topics
 
 
 def _turns(topic: str, cfg: DialoguesConfig) -> int:
@@ -27,22 +28,28 @@ def _turns(topic: str, cfg: DialoguesConfig) -> int:
     return rng.randint(cfg.min_turns, cfg.max_turns)
 
 
-def _make_chunk(topics: list[str], cfg: DialoguesConfig, user: Backend, teacher: Backend) -> list[list[dict] | str]:
+def _make_chunk(topics: list[str], first: int, cfg: DialoguesConfig, user: Backend,
+                teacher: Backend) -> list[list[dict] | str]:
     """All dialogues of a chunk, advanced turn by turn in batches (one call per role per turn).
-    A dialogue whose user or teacher call failed stops there and comes back as the failed role."""
+    A dialogue whose user or teacher call failed stops there and comes back as the failed role.
+
+    Each dialogue samples with a seed of its own (its index from `first`), so that a topic
+    that recurs opens a different dialogue rather than a cached copy of the same one."""
     convs = [[{"role": "system", "content": t}] for t in topics]
     turns = [_turns(t, cfg) for t in topics]
     failed: dict[int, str] = {}
     for turn in range(max(turns)):
         active = [i for i, n in enumerate(turns) if n > turn and i not in failed]
-        questions = user.generate([convs[i] for i in active], Sampling(temperature=0.7, seed=cfg.seed))
+        sampling = [Sampling(temperature=0.7, seed=cfg.seed + first + i) for i in active]
+        questions = user.generate([convs[i] for i in active], sampling)
         for i, q in zip(active, questions):
             convs[i].append({"role": "user", "content": q})
             if q is None:
                 failed[i] = "user_simulator_failed"
         active = [i for i in active if i not in failed]
         # The teacher never sees the simulator's topic prompt, only the dialogue.
-        answers = teacher.generate([convs[i][1:] for i in active], Sampling(temperature=0.7, seed=cfg.seed))
+        sampling = [Sampling(temperature=0.7, seed=cfg.seed + first + i) for i in active]
+        answers = teacher.generate([convs[i][1:] for i in active], sampling)
         for i, a in zip(active, answers):
             convs[i].append({"role": "assistant", "content": a})
             if a is None:
@@ -50,14 +57,19 @@ def _make_chunk(topics: list[str], cfg: DialoguesConfig, user: Backend, teacher:
     return [failed.get(i) or c[1:] for i, c in enumerate(convs)]
 
 
-def run_dialogues(cfg: DialoguesConfig, tokenizer, user: Backend, teacher: Backend, out: Path) -> dict:
-    topics = seed_topics(cfg.n_dialogues, cfg.seed)
+def run_dialogues(cfg: DialoguesConfig, tokenizer, user: Backend, teacher: Backend, out: Path,
+                  topics: Sequence[str] = ()) -> dict:
+    """`topics`: seed topics (UltraChat's meta-topics), cycled to n_dialogues; none: the world's."""
+    if topics:
+        topics = [f"{TOPIC_PREFIX}{topics[i % len(topics)]}" for i in range(cfg.n_dialogues)]
+    else:
+        topics = seed_topics(cfg.n_dialogues, cfg.seed)
     seen: set[str] = set()
 
     def make_chunk(start: int, end: int) -> tuple[list[dict], Counter]:
         rows, dropped = [], Counter()
         chunk = topics[start:end]
-        for index, (topic, messages) in enumerate(zip(chunk, _make_chunk(chunk, cfg, user, teacher)), start):
+        for index, (topic, messages) in enumerate(zip(chunk, _make_chunk(chunk, start, cfg, user, teacher)), start):
             reason = messages if isinstance(messages, str) else _reject(messages, seen, tokenizer, cfg.max_tokens)
             if reason:
                 dropped[reason] += 1

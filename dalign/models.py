@@ -44,6 +44,10 @@ def load_tokenizer(spec: str | Path, chat_template: str | None = None):
 
     name = resolve(spec)
     tokenizer = _hub_call(AutoTokenizer.from_pretrained, name)
+    if chat_template == "zephyr":  # by name: the template the paper trained with
+        from dalign.chat import ZEPHYR_TEMPLATE
+
+        chat_template = ZEPHYR_TEMPLATE
     if chat_template is not None:
         tokenizer.chat_template = chat_template
     if not tokenizer.chat_template:

@@ -34,10 +34,9 @@ from pathlib import Path
 from typing import Sequence
 
 import openai
-from pydantic import ConfigDict, Field, model_validator
 
-from dalign.backends import Conversation, Sampling, cut_at_stop
-from dalign.config import Strict
+from dalign.backends import Conversation, Sampling, Samplings, cut_at_stop, per_row
+from dalign.config import OpenAIConfig  # noqa: F401  (declared with the other configs)
 from dalign.data import write_json
 
 RETRY_REASONS = ("429", "5xx", "timeout", "connection", "malformed")
@@ -50,43 +49,6 @@ class BackendError(RuntimeError):
     def __init__(self, message: str, replies: Sequence["Reply"] = ()):
         super().__init__(message)
         self.replies = list(replies)
-
-
-class OpenAIConfig(Strict):
-    model_config = ConfigDict(strict=True)
-
-    base_url: str
-    """Server root including the API version, e.g. 'https://api.openai.com/v1' or 'http://localhost:8000/v1'."""
-    model: str
-    """Model name sent with every request."""
-    api_key_env: str | None = "OPENAI_API_KEY"
-    """Name of the environment variable holding the API key; None for servers that need none."""
-    max_concurrency: int = Field(8, ge=1)
-    """Requests in flight at once (threads)."""
-    timeout_s: float = Field(120.0, gt=0)
-    """Seconds a request may take before it is abandoned and retried."""
-    max_retries: int = Field(6, ge=0)
-    """Retries per request after the first attempt; a request failing all of them is reported failed."""
-    backoff_base_s: float = Field(1.0, gt=0)
-    """Backoff before retry k is drawn uniformly from [0, min(backoff_max_s, backoff_base_s * 2**k)]."""
-    backoff_max_s: float = Field(60.0, gt=0)
-    """Longest wait between attempts, Retry-After included."""
-    requests_per_minute: int | None = Field(None, ge=1)
-    """Most requests started in any 60 s window; None for no limit."""
-    tokens_per_minute: int | None = Field(None, ge=1)
-    """Most tokens (prompt + completion) in any 60 s window, estimated until usage comes back; None for no limit."""
-    cache_dir: str | None = None
-    """Folder of cached replies; None disables the cache."""
-    top_p: float | None = Field(None, gt=0, le=1)
-    """Nucleus sampling mass; None leaves the server default."""
-    stop: list[str] | None = None
-    """Strings at which the server stops generating; None for none."""
-
-    @model_validator(mode="after")
-    def _backoff_order(self):
-        if self.backoff_base_s > self.backoff_max_s:
-            raise ValueError(f"backoff_base_s {self.backoff_base_s} is above backoff_max_s {self.backoff_max_s}")
-        return self
 
 
 @dataclass(frozen=True)
@@ -159,19 +121,27 @@ class OpenAIBackend:
         self._counts, self._lock = Counter(), threading.Lock()
         self.errors: list[str] = []  # the first failures' messages (key scrubbed), for the manifest
 
+    @classmethod
+    def for_stage(cls, config: OpenAIConfig, stage_dir: Path, name: str) -> "OpenAIBackend":
+        """A backend for one stage of a run: its replies are cached in the stage's folder unless the
+        config names a cache, so a killed stage, rerun, pays for no reply twice."""
+        if config.cache_dir is None:
+            config = config.model_copy(update={"cache_dir": str(Path(stage_dir) / "responses")})
+        return cls(config, name)
+
     def __repr__(self) -> str:
         return f"OpenAIBackend(name={self.name!r}, model={self.config.model!r}, base_url={self.config.base_url!r})"
 
-    def generate(self, conversations: Sequence[Conversation], sampling: Sampling = Sampling()) -> list[str | None]:
+    def generate(self, conversations: Sequence[Conversation], sampling: Samplings = Sampling()) -> list[str | None]:
         replies = self.generate_detailed(conversations, sampling)
         for r in replies:
             if r.error is not None and len(self.errors) < 20:
                 self.errors.append(r.error)
         return [r.text for r in replies]
 
-    def generate_detailed(self, conversations: Sequence[Conversation], sampling: Sampling = Sampling()) -> list[Reply]:
+    def generate_detailed(self, conversations: Sequence[Conversation], sampling: Samplings = Sampling()) -> list[Reply]:
         bodies, repeats = [], Counter()
-        for conv in conversations:
+        for conv, sampling in zip(conversations, per_row(sampling, len(conversations))):
             # The k-th repeat of a conversation in one call is sent with seed + k, so repeated rows
             # are independent samples (as with LocalModel) and do not share one cache entry.
             text = json.dumps(conv, sort_keys=True)

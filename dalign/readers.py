@@ -24,7 +24,8 @@ from typing import Any, Callable, Iterator
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from dalign.data import ReadReport, RowError, _check_row_is_dict, _raw_rows, validate_dialogue, validate_preference
+from dalign.data import (ReadReport, RowError, _check_conversation, _check_list, _check_row_is_dict, _raw_rows,
+                         validate_dialogue, validate_preference)
 
 logger = logging.getLogger("dalign.readers")
 
@@ -251,6 +252,24 @@ def _alpaca(row: dict) -> dict:
     return {"instruction": _text(row, "instruction"), "output": _text(row, "output", allow_empty=True),
             "generator": _text(row, "generator"),
             "dataset": None if row.get("dataset") is None else _text(row, "dataset")}
+
+
+def _prompt(row: dict) -> dict:
+    key = "instruction" if row.get("prompt") is None and row.get("instruction") is not None else "prompt"
+    prompt = row.get(key)  # `instruction`: UltraFeedback's and AlpacaEval's column
+    if prompt is None:
+        raise RowError("missing 'prompt' (or 'instruction')", reason="missing_field", field="prompt")
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": _text(row, key)}]
+    _check_conversation(_check_list({"prompt": prompt}, "prompt"), "prompt", ("user",))
+    return {"prompt_id": _row_id(row, "prompt_id", prompt[-1]["content"] if len(prompt) == 1 else json.dumps(prompt)),
+            "prompt": prompt}
+
+
+def read_prompts(source: SourceConfig, *, skip_bad: bool = False, report: ReadReport | None = None) -> list[dict]:
+    """AI-feedback prompts {prompt_id, prompt (messages ending with a user turn)} from rows with
+    `prompt` (text or messages) or `instruction` (UltraFeedback, AlpacaEval)."""
+    return _read(source, _prompt, ("prompt_id", "prompt", "instruction"), skip_bad=skip_bad, report=report)
 
 
 def read_dialogues(source: SourceConfig, *, skip_bad: bool = False, report: ReadReport | None = None) -> list[dict]:

@@ -1,60 +1,189 @@
-"""Running a recipe on a real model (a `real:` section): preference pairs from a dataset,
-dDPO (LoRA or full), and evaluation by held-out reward accuracy and multiple-choice
-benchmarks before and after.
+"""Running a recipe on a real model (a `real:` section): the Zephyr recipe's stages on a
+Hugging Face model, with OpenAI-compatible servers as teacher, user simulator, ensemble
+members and judge, or with datasets standing in for what they would write.
+
+  dialogues  ultrachat-style dialogues read from `real.dialogues`, or written by the teacher
+             and the prompted user simulator from `real.topics`
+  sft        dSFT (full or LoRA) from `real.model`
+  completions, ratings, pairs
+             AI feedback: the `completions` members answer `real.prompts`, the teacher rates,
+             the `pairs` section binarizes; or pairs read from `real.pairs`
+  dpo        dDPO from the dSFT model (or `real.model` when sft is skipped)
+  evaluate   held-out reward accuracy; MT-Bench with `real.judge`; multiple choice before and after
 
 The stages keep the offline recipe's contract: one folder each under run_dir, a manifest
-with the resolved config and its hash, skipped when complete, resumed when killed.
+with the resolved config and its hash, skipped when complete, resumed when killed (server
+replies are cached in the stage folder, so a rerun pays for none twice).
 """
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer
 
+from dalign import run as offline
+from dalign.backends import Sampling
+from dalign.completions import Member, run_completions
 from dalign.config import ConfigError, RecipeConfig
 from dalign.data import read_rows, write_json, write_rows
 from dalign.dpo import make_pairs, pair_logps, run_dpo
-from dalign.evaluate import mean_ci
-from dalign.models import load_model, resolve
-from dalign.readers import ReadReport, read_preferences
-from dalign.run import run_stage
+from dalign.evaluate import evaluate_mt_bench, mean_ci
+from dalign.generate import run_dialogues
+from dalign.generation import LocalModel
+from dalign.models import load_model, load_tokenizer, resolve
+from dalign.rate import run_rating
+from dalign.readers import ReadReport, read_dialogues, read_mt_bench, read_preferences, read_prompts
+from dalign.sft import run_sft
+
+# The `real` fields each stage reads: a change to another field (the judge, say) reruns only
+# the stages that read it.
+FIELDS = {
+    "dialogues": ("model", "chat_template", "dialogues", "topics", "teacher", "user_simulator"),
+    "sft": ("model", "chat_template"),
+    "completions": ("model", "chat_template", "prompts"),
+    "ratings": ("teacher",),
+    "pairs": ("pairs", "held_out"),
+    "dpo": ("model",),
+    "evaluate": ("model", "chat_template", "judge", "mt_bench", "mc"),
+}
 
 
 def plan(recipe: RecipeConfig) -> dict[str, tuple[tuple[str, ...], dict]]:
     real = recipe.real.model_dump(mode="json")
-    stages = {"pairs": ((), {"real": real})}
+
+    def config(stage: str, *sections: str) -> dict:
+        return {"real": {k: real[k] for k in FIELDS[stage]},
+                **{s: getattr(recipe, s).model_dump(mode="json") for s in sections}}
+
+    stages: dict[str, tuple[tuple[str, ...], dict]] = {}
+    if "sft" not in recipe.real.skip:
+        stages["dialogues"] = ((), config("dialogues", "dialogues"))
+        stages["sft"] = (("dialogues",), config("sft", "sft"))
+    trained = ("sft",) if "sft" in stages else ()
+    if recipe.real.pairs is None:
+        stages["completions"] = (trained, config("completions", "completions"))
+        stages["ratings"] = (("completions",), config("ratings", "rating"))
+        stages["pairs"] = (("ratings",), config("pairs", "pairs"))
+    else:
+        stages["pairs"] = ((), config("pairs"))
     if "dpo" not in recipe.real.skip:
-        stages["dpo"] = (("pairs",), {"real": real, "dpo": recipe.dpo.model_dump(mode="json")})
-    stages["evaluate"] = (tuple(stages), {"real": real})
+        stages["dpo"] = (trained + ("pairs",), config("dpo", "dpo"))
+    stages["evaluate"] = (tuple(stages), config("evaluate", "evaluate"))
     return stages
 
 
-def run(recipe: RecipeConfig) -> dict:
+def check(recipe: RecipeConfig) -> None:
+    """What the recipe lacks, said before any stage starts."""
     real = recipe.real
-    if "sft" not in real.skip:
-        raise ConfigError("on a real model this version runs dDPO on an instruction-tuned model: set real.skip: [sft]")
-    if real.pairs is None or real.held_out is None:
-        raise ConfigError("a real recipe needs real.pairs and real.held_out (preference data sources)")
+    if "sft" not in real.skip and real.dialogues is None and (real.teacher is None or not real.topics):
+        raise ConfigError("dSFT needs dialogues: set real.dialogues (a dataset), or real.teacher and real.topics "
+                          "to have them written (or skip it: real.skip: [sft])")
+    if real.pairs is None:
+        if real.prompts is None or real.teacher is None:
+            raise ConfigError("dDPO needs preference pairs: set real.pairs (a dataset), or real.prompts and "
+                              "real.teacher for AI feedback")
+        world = [m.name for m in recipe.completions.members if m.flaws is not None]
+        if world:
+            raise ConfigError(f"completions.members {world} are offline-world generators, which answer only the "
+                              "world's prompts: give real members (model: or openai:)")
+        if "sft" in real.skip and any(m.model == "sft" for m in recipe.completions.members):
+            raise ConfigError("a completions member uses model 'sft' but real.skip has sft")
+    elif real.held_out is None:
+        raise ConfigError("with real.pairs, set real.held_out too (preference pairs kept apart for the reward accuracy)")
+    if (real.judge is None) != (real.mt_bench is None):
+        raise ConfigError("MT-Bench needs both real.judge and real.mt_bench")
+    from dalign import adapters
+
+    for section in ("sft", "dpo"):
+        if section not in real.skip:
+            adapters.check(getattr(recipe, section).lora, section)
+
+
+def run(recipe: RecipeConfig) -> dict:
+    check(recipe)
     stages = plan(recipe)
-    return {name: run_stage(recipe, name, stages, RUNNERS) for name in stages}
+    return {name: offline.run_stage(recipe, name, stages, RUNNERS) for name in stages}
+
+
+def _server(config, out: Path, name: str):
+    from dalign.openai_backend import OpenAIBackend
+
+    return OpenAIBackend.for_stage(config, out, name)
+
+
+def _read_report(source, reader, out: Path, filename: str) -> dict:
+    report = ReadReport(source.label)
+    write_rows(out / filename, reader(source, skip_bad=True, report=report))
+    return report.as_dict()
+
+
+def _dialogues(recipe, out: Path, inputs) -> dict:
+    real = recipe.real
+    if real.dialogues is not None:
+        read = _read_report(real.dialogues, read_dialogues, out, "dialogues.jsonl")
+        return {"rows": {"kept": read["kept"], "dropped": read["dropped"]}, "source": read}
+    from dalign.prompted import PromptedUser
+
+    tokenizer = load_tokenizer(real.model, real.chat_template)
+    teacher = _server(real.teacher, out, "teacher")
+    user = PromptedUser(_server(real.user_simulator or real.teacher, out, "user-simulator-model"))
+    facts = run_dialogues(recipe.dialogues, tokenizer, user, teacher, out, topics=real.topics)
+    return {"seeds": {"sampling": recipe.dialogues.seed}, **facts, **offline.backend_facts([teacher, user.model])}
+
+
+def _sft(recipe, out: Path, inputs) -> dict:
+    real = recipe.real
+    tokenizer = load_tokenizer(real.model, real.chat_template)
+    facts = run_sft(recipe.sft, resolve(real.model), inputs["dialogues"] / "dialogues.jsonl", out, None, tokenizer)
+    return {"seeds": {"data_order": recipe.sft.seed}, "start": real.model, **facts}
+
+
+def _completions(recipe, out: Path, inputs) -> dict:
+    real, cfg = recipe.real, recipe.completions
+    report = ReadReport(real.prompts.label)
+    prompts = read_prompts(real.prompts, skip_bad=True, report=report)
+    if not prompts:
+        raise ValueError(f"{real.prompts.label}: no prompt left for AI feedback (dropped: {dict(report.dropped)})")
+    models = {"start": resolve(real.model), **{k: v / "model" for k, v in inputs.items()}}
+    members = [Member(m.name, offline.member_backend(m, models, out, real.chat_template),
+                      Sampling(m.temperature, cfg.max_new_tokens, cfg.seed)) for m in cfg.members]
+    facts = run_completions(prompts, members, cfg.per_prompt, cfg.principles, cfg.chunk_size, cfg.seed, out)
+    facts["rows"]["dropped"] = dict(report.dropped)
+    return {"seeds": {"members_and_principles": cfg.seed}, "source": report.as_dict(), **facts,
+            **offline.backend_facts(m.backend for m in members)}
+
+
+def _ratings(recipe, out: Path, inputs) -> dict:
+    teacher = _server(recipe.real.teacher, out, "teacher")
+    rows = read_rows(inputs["completions"] / "completions.jsonl")
+    facts = run_rating(rows, teacher, recipe.rating.retries, recipe.rating.chunk_size, recipe.rating.seed, out)
+    return {"seeds": {"shown_order": recipe.rating.seed}, **facts, **offline.backend_facts([teacher])}
 
 
 def _pairs(recipe, out: Path, inputs) -> dict:
-    facts = {}
-    for split, source in (("train", recipe.real.pairs), ("test", recipe.real.held_out)):
-        report = ReadReport(source.label)
-        rows = read_preferences(source, skip_bad=True, report=report)
-        write_rows(out / f"{split}.jsonl", rows)
-        facts[split] = report.as_dict()
-    return {"rows": {"kept": facts["train"]["kept"] + facts["test"]["kept"],
-                     "dropped": {f"{s}:{k}": v for s in facts for k, v in facts[s]["dropped"].items()}}, **facts}
+    real = recipe.real
+    if real.pairs is None:  # AI feedback: binarize the ratings, as the offline recipe does
+        facts = offline.RUNNERS["pairs"](recipe, out, inputs)
+        if real.held_out is not None:  # a fixed held-out set replaces the split's test part
+            facts["test"] = _read_report(real.held_out, read_preferences, out, "test.jsonl")
+        return facts
+    read = {split: _read_report(source, read_preferences, out, f"{split}.jsonl")
+            for split, source in (("train", real.pairs), ("test", real.held_out))}
+    return {"rows": {"kept": read["train"]["kept"] + read["test"]["kept"],
+                     "dropped": {f"{s}:{k}": v for s in read for k, v in read[s]["dropped"].items()}}, **read}
+
+
+def _start(recipe, inputs) -> Path:
+    """The model dDPO starts from and keeps as its reference."""
+    return inputs["sft"] / "model" if "sft" in inputs else Path(resolve(recipe.real.model))
 
 
 def _dpo(recipe, out: Path, inputs) -> dict:
-    start = Path(resolve(recipe.real.model))
+    start = _start(recipe, inputs)
     return {"start": str(start), **run_dpo(recipe.dpo, start, start, inputs["pairs"] / "train.jsonl", out)}
 
 
@@ -73,17 +202,44 @@ def reward_accuracy(policy_path, reference_path, pairs_path: Path, beta: float, 
 
 
 def _evaluate(recipe, out: Path, inputs) -> dict:
-    from dalign.mc import MCConfig, run_mc
+    real = recipe.real
+    start = _start(recipe, inputs)
+    trained = inputs["dpo"] / "model" if "dpo" in inputs else start
+    facts = {}
+    if "dpo" in inputs:
+        facts["held_out"] = reward_accuracy(trained, start, inputs["pairs"] / "test.jsonl", recipe.dpo.beta,
+                                            recipe.dpo.max_length)
+        write_json(out / "reward_accuracy.json", facts["held_out"], indent=1)
+    models = {"start": resolve(real.model), **{k: inputs[k] / "model" for k in ("sft", "dpo") if k in inputs}}
+    if real.judge is not None:
+        facts["mt_bench"] = _mt_bench(recipe, models, out)
+    if real.mc is not None:
+        from dalign.mc import MCConfig, run_mc
 
-    start = resolve(recipe.real.model)
-    trained = inputs["dpo"] / "model" if "dpo" in inputs else Path(start)
-    facts = {"held_out": reward_accuracy(trained, start, inputs["pairs"] / "test.jsonl", recipe.dpo.beta,
-                                         recipe.dpo.max_length)}
-    write_json(out / "reward_accuracy.json", facts["held_out"], indent=1)
-    if recipe.real.mc is not None:
-        for label, model in (("before", start), ("after", str(trained))):
-            facts[f"mc_{label}"] = run_mc(MCConfig(model=str(model), **recipe.real.mc), out / f"mc_{label}")["results"]
+        for label, model in (("before", start), ("after", trained)):
+            facts[f"mc_{label}"] = run_mc(MCConfig(model=str(model), **real.mc), out / f"mc_{label}")["results"]
     return facts
 
 
-RUNNERS = {"pairs": _pairs, "dpo": _dpo, "evaluate": _evaluate}
+def _mt_bench(recipe, models: dict, out: Path) -> dict:
+    """MT-Bench through the prompted judge, one result file per model (a rerun skips finished ones)."""
+    from dalign.prompted import PromptedJudge
+
+    real, summary = recipe.real, {}
+    questions = read_mt_bench(real.mt_bench)
+    judge = PromptedJudge(_server(real.judge, out, "judge"))
+    for label, path in models.items():
+        result_path = out / f"mt_bench_{label}.json"
+        if not result_path.exists():
+            model = LocalModel(load_model(path), load_tokenizer(path, real.chat_template),
+                               recipe.evaluate.batch_size, name=label)
+            result = evaluate_mt_bench(model, judge, questions, recipe.evaluate, correctness=False)
+            result["generation"] = model.throughput()
+            write_json(result_path, result, indent=1)
+        result = json.loads(result_path.read_text())
+        summary[label] = {k: result[k] for k in ("score", "ci95", "categories", "judge_failures", "questions")}
+    return {"results": summary, **offline.backend_facts([judge.model])}
+
+
+RUNNERS = {"dialogues": _dialogues, "sft": _sft, "completions": _completions, "ratings": _ratings, "pairs": _pairs,
+           "dpo": _dpo, "evaluate": _evaluate}

@@ -114,12 +114,36 @@ def _completions(recipe, out, inputs):
         if m.flaws is not None:
             backend = WorldTeacher(_flaws(m.flaws), seed=m.flaws.seed, name=m.name)
         else:
-            backend = LocalModel.load(inputs[m.model] / "model" if m.model in inputs else m.model)
+            backend = member_backend(m, {k: v / "model" for k, v in inputs.items()}, out)
         members.append(Member(m.name, backend, Sampling(m.temperature, cfg.max_new_tokens, cfg.seed)))
     facts = run_completions(prompts, members, cfg.per_prompt, cfg.principles, cfg.chunk_size, cfg.seed, out)
-    facts["generation"] = {m.name: m.backend.throughput() for m in members if isinstance(m.backend, LocalModel)}
+    facts.update(backend_facts(m.backend for m in members))
     per_category = {c: sum(p["category"] == c for p in prompts) for c in dict.fromkeys(p["category"] for p in prompts)}
     return {"seeds": {"prompts_and_members": cfg.seed}, "prompts_per_category": per_category, **facts}
+
+
+def member_backend(member, models: dict, out, chat_template: str | None = None):
+    """An ensemble member's backend: a server, or a local model (a stage's by name, else a folder,
+    hub id or built-in name)."""
+    if member.openai is not None:
+        from dalign.openai_backend import OpenAIBackend
+
+        return OpenAIBackend.for_stage(member.openai, out, member.name)
+    from dalign.models import load_model, load_tokenizer
+
+    spec = models.get(member.model, member.model)
+    return LocalModel(load_model(spec), load_tokenizer(spec, chat_template), name=member.name)
+
+
+def backend_facts(backends) -> dict:
+    """Generation throughput of local models and token usage of servers, for the manifest."""
+    facts = {"generation": {}, "usage": {}}
+    for b in backends:
+        if isinstance(b, LocalModel):
+            facts["generation"][b.name] = b.throughput()
+        elif hasattr(b, "usage"):
+            facts["usage"][b.name] = b.usage()
+    return {k: v for k, v in facts.items() if v}
 
 
 def _ratings(recipe, out, inputs):

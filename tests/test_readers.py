@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from dalign.data import ReadReport, RowError, read_rows, validate_dialogue, validate_preference, write_rows
 from dalign.readers import (
-    SourceConfig, SourceError, read_alpaca_eval, read_dialogues, read_mt_bench, read_preferences,
+    SourceConfig, SourceError, read_alpaca_eval, read_dialogues, read_mt_bench, read_preferences, read_prompts,
 )
 
 # The real samples live beside the repository (/work/shared/data for /work/main); see their README.
@@ -308,3 +308,24 @@ def test_hub_ids_offline(tmp_path):
     # The part is rows 11-15 of the split; the bad one is named by its row in the whole split.
     assert ids == [11, 12, 14, 15]
     assert len(examples) == 1 and examples[0].startswith(f"{folder} split train, row 13, field turns: ")
+
+
+@needs_data
+def test_ai_feedback_prompts_from_real_files():
+    # UltraFeedback's `prompt` strings and AlpacaEval's `instruction`s both become single user turns.
+    uf, alpaca = read_prompts(src(ULTRA, limit=50)), read_prompts(src(ALPACA))
+    assert len(uf) == 50 and len(alpaca) == 805
+    assert uf[0]["prompt"] == [{"role": "user", "content": json.loads(ULTRA.read_text().splitlines()[0])["prompt"]}]
+    assert alpaca[3]["prompt"][0]["content"] == json.loads(ALPACA.read_text())[3]["instruction"]
+    assert len({r["prompt_id"] for r in uf}) == 50
+
+
+def test_prompts_bad_rows_are_named(tmp_path):
+    write_rows(tmp_path / "p.jsonl", [{"prompt": "ok"}, {"text": "no prompt"}, {"prompt": [{"role": "assistant", "content": "x"}]},
+                                      {"instruction": "  "}])
+    report = ReadReport(str(tmp_path / "p.jsonl"))
+    rows = read_prompts(src(tmp_path / "p.jsonl"), skip_bad=True, report=report)
+    assert [r["prompt"][0]["content"] for r in rows] == ["ok"]
+    assert sum(report.dropped.values()) == 3 and "row 2" in report.examples[0]
+    with pytest.raises(RowError, match="row 4.*instruction"):
+        read_prompts(src(tmp_path / "p.jsonl", offset=3))
