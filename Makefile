@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test smollm2 clean
+.PHONY: demo test smollm2 bench clean
 
 # torch goes in first, from its pinned CPU build: anything that pulls torch before it
 # would bring the multi-gigabyte CUDA build.
@@ -23,6 +23,11 @@ demo: $(STAMP)
 # The real path on a real model, on a CPU: dDPO with LoRA on SmolLM2-135M-Instruct (needs ../shared/data).
 smollm2: $(STAMP)
 	$(BIN)/dalign run recipes/smollm2-135m-cpu.yaml
+
+# dalign against TRL (SFT, DPO) and one-at-a-time generate, side by side; not part of `make test`.
+# Writes bench/results.json. Slow: about an hour on 2 cores; `$(BIN)/python -m bench.run --help` for a part.
+bench: $(STAMP)
+	$(BIN)/python -m bench.run
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -32,8 +32,9 @@ def check(lora: LoraConfig | None, where: str) -> None:
                               f"machine lacks; set {where}.lora.load_in_4bit: false for plain LoRA")
 
 
-def load_trainable(path: str | Path, lora: LoraConfig | None):
-    """The model to train from `path`: every weight, or frozen weights (4-bit for QLoRA) with adapters."""
+def load_trainable(path: str | Path, lora: LoraConfig | None, seed: int = 0):
+    """The model to train from `path`: every weight, or frozen weights (4-bit for QLoRA) with adapters,
+    initialised from `seed` (the A matrices are random), so a rerun starts from the same adapters."""
     if lora is None:
         return AutoModelForCausalLM.from_pretrained(path)
     import peft
@@ -47,6 +48,7 @@ def load_trainable(path: str | Path, lora: LoraConfig | None):
         model = peft.prepare_model_for_kbit_training(model)
     else:
         model = AutoModelForCausalLM.from_pretrained(path)
+    torch.manual_seed(seed)
     return peft.get_peft_model(model, peft.LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                                       target_modules=lora.target_modules, task_type="CAUSAL_LM"))
 

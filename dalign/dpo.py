@@ -23,6 +23,7 @@ from dalign import adapters
 from dalign.config import DPOConfig
 from dalign.data import read_rows, validate_preference, write_json
 from dalign.losses import PreferenceLoss, preference_loss
+from dalign.packed import collate_packed_pairs, packed_attention, packed_token_logps
 from dalign.train import Example, collate, train
 
 
@@ -65,7 +66,13 @@ def collate_pairs(pairs: list[Pair], pad_id: int) -> dict:
 
 
 def sequence_logps(model, batch: dict, mean: bool = False) -> torch.Tensor:
-    """Sum (or mean) of log p(token) over each row's labelled tokens, shape (rows,)."""
+    """Sum (or mean) of log p(token) over each row's labelled tokens, shape (rows,); for a
+    packed batch (dalign.packed), over each scored sequence's, in the same order."""
+    if "dalign_spans" in batch:
+        token_logps, sequence = packed_token_logps(model, batch)
+        rows = 2 * len(batch["ref_chosen"])
+        total = torch.zeros(rows, dtype=token_logps.dtype, device=token_logps.device).index_add(0, sequence, token_logps)
+        return total / torch.bincount(sequence, minlength=rows).clamp(min=1) if mean else total
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     logits = model(**inputs, use_cache=False).logits[:, :-1].float()  # (B, T-1, V)
     targets = batch["labels"][:, 1:]
@@ -76,15 +83,25 @@ def sequence_logps(model, batch: dict, mean: bool = False) -> torch.Tensor:
 
 
 @torch.no_grad()
-def pair_logps(model, pairs: list[Pair], batch_size: int, pad_id: int, mean: bool = False) -> list[tuple[float, float]]:
-    """(chosen, rejected) log-probs of each pair under a model, in batches of pairs."""
+def pair_logps(model, pairs: list[Pair], batch_size: int, pad_id: int, mean: bool = False,
+               packed: bool = False) -> list[tuple[float, float]]:
+    """(chosen, rejected) log-probs of each pair under a model, in batches of pairs (packed
+    batches need the model inside dalign.packed.packed_attention)."""
     values = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
-        batch = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in collate_pairs(chunk, pad_id).items()}
+        batch = collate_packed_pairs(chunk) if packed else collate_pairs(chunk, pad_id)
+        batch = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         logps = sequence_logps(model, batch, mean=mean).tolist()
         values += list(zip(logps[:len(chunk)], logps[len(chunk):]))
     return values
+
+
+def answer_tokens(batch: dict) -> torch.Tensor:
+    """Labelled tokens of each scored sequence of a padded or packed batch."""
+    if "dalign_spans" in batch:
+        return torch.bincount(batch["sequence"], minlength=2 * len(batch["ref_chosen"]))
+    return (batch["labels"][:, 1:] != IGNORE).sum(-1)
 
 
 class PreferenceObjective:
@@ -107,7 +124,7 @@ class PreferenceObjective:
                                                        batch["ref_rejected"].to(chosen.dtype), self.beta, self.variant)
         margin = r_chosen - r_rejected
         if self.chosen_nll:
-            n_tokens = (batch["labels"][:n, 1:] != IGNORE).sum(-1).clamp(min=1)
+            n_tokens = answer_tokens(batch)[:n].clamp(min=1)
             mean_logps = chosen if self.variant.length_normalized else chosen / n_tokens
             losses = losses - self.chosen_nll * mean_logps
         return losses.sum(), {"rewards/chosen": r_chosen.sum().item(), "rewards/rejected": r_rejected.sum().item(),
@@ -138,8 +155,10 @@ def reference_logps(reference_path: Path, pairs: list[Pair], pairs_path: Path, c
         values = stored["logps"]
     else:
         model = adapted or AutoModelForCausalLM.from_pretrained(reference_path)
-        with adapted.disable_adapter() if adapted is not None else contextlib.nullcontext():
-            values = pair_logps(model.eval(), pairs, cfg.per_device_batch_size, pad_id, cfg.loss.length_normalized)
+        with adapted.disable_adapter() if adapted is not None else contextlib.nullcontext(), \
+                packed_attention(model) if cfg.packed else contextlib.nullcontext():
+            values = pair_logps(model.eval(), pairs, cfg.per_device_batch_size, pad_id, cfg.loss.length_normalized,
+                                cfg.packed)
         write_json(cache, {"key": key, "logps": values})
     for pair, (c, r) in zip(pairs, values):
         pair.ref_chosen, pair.ref_rejected = c, r
@@ -158,12 +177,14 @@ def run_dpo(cfg: DPOConfig, policy_path: Path, reference_path: Path, pairs_path:
     if cfg.lora is not None and Path(reference_path).resolve() != Path(policy_path).resolve():
         raise ValueError("with LoRA the reference is the starting model with its adapters off: "
                          f"policy {policy_path} and reference {reference_path} must be the same")
-    model = adapters.load_trainable(policy_path, cfg.lora)
+    model = adapters.load_trainable(policy_path, cfg.lora, cfg.seed)
     ref_key = reference_logps(reference_path, pairs, pairs_path, cfg, out / "reference_logps.json",
                               tokenizer.pad_token_id, adapted=model if cfg.lora is not None else None)
     model.train()
-    summary = train(model, pairs, lambda chunk: collate_pairs(chunk, tokenizer.pad_token_id), cfg, out,
-                    objective=PreferenceObjective(cfg.beta, cfg.loss, cfg.chosen_nll), desc="dpo")
+    collate_fn = collate_packed_pairs if cfg.packed else lambda chunk: collate_pairs(chunk, tokenizer.pad_token_id)
+    with packed_attention(model) if cfg.packed else contextlib.nullcontext():
+        summary = train(model, pairs, collate_fn, cfg, out, objective=PreferenceObjective(cfg.beta, cfg.loss,
+                                                                                          cfg.chosen_nll), desc="dpo")
     adapters.save_trained(model, policy_path, cfg.lora, out)
     tokenizer.save_pretrained(out / "model")
     return {**summary, "rows": {"kept": len(pairs), "dropped": dict(dropped)}, "reference": str(reference_path),

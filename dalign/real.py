@@ -9,7 +9,8 @@ members and judge, or with datasets standing in for what they would write.
              AI feedback: the `completions` members answer `real.prompts`, the teacher rates,
              the `pairs` section binarizes; or pairs read from `real.pairs`
   dpo        dDPO from the dSFT model (or `real.model` when sft is skipped)
-  evaluate   held-out reward accuracy; MT-Bench with `real.judge`; multiple choice before and after
+  evaluate   held-out reward accuracy; MT-Bench and AlpacaEval with `real.judge`; multiple choice
+             before and after
 
 The stages keep the offline recipe's contract: one folder each under run_dir, a manifest
 with the resolved config and its hash, skipped when complete, resumed when killed (server
@@ -36,8 +37,9 @@ from dalign.generate import run_dialogues
 from dalign.generation import LocalModel
 from dalign.models import load_model, load_tokenizer, resolve
 from dalign.rate import run_rating
-from dalign.readers import ReadReport, read_dialogues, read_mt_bench, read_preferences, read_prompts
+from dalign.readers import ReadReport, read_alpaca_eval, read_dialogues, read_mt_bench, read_preferences, read_prompts
 from dalign.sft import run_sft
+from dalign.winrate import win_rate
 
 # The `real` fields each stage reads: a change to another field (the judge, say) reruns only
 # the stages that read it.
@@ -48,7 +50,7 @@ FIELDS = {
     "ratings": ("teacher",),
     "pairs": ("pairs", "held_out"),
     "dpo": ("model",),
-    "evaluate": ("model", "chat_template", "judge", "mt_bench", "mc"),
+    "evaluate": ("model", "chat_template", "judge", "mt_bench", "alpaca_eval", "mc"),
 }
 
 
@@ -94,8 +96,10 @@ def check(recipe: RecipeConfig) -> None:
             raise ConfigError("a completions member uses model 'sft' but real.skip has sft")
     elif real.held_out is None:
         raise ConfigError("with real.pairs, set real.held_out too (preference pairs kept apart for the reward accuracy)")
-    if (real.judge is None) != (real.mt_bench is None):
-        raise ConfigError("MT-Bench needs both real.judge and real.mt_bench")
+    if real.judge is not None and real.mt_bench is None and real.alpaca_eval is None:
+        raise ConfigError("real.judge is set but nothing to judge: set real.mt_bench and/or real.alpaca_eval")
+    if real.judge is None and (real.mt_bench is not None or real.alpaca_eval is not None):
+        raise ConfigError("MT-Bench and AlpacaEval need a judge: set real.judge")
     from dalign import adapters
 
     for section in ("sft", "dpo"):
@@ -212,7 +216,12 @@ def _evaluate(recipe, out: Path, inputs) -> dict:
         write_json(out / "reward_accuracy.json", facts["held_out"], indent=1)
     models = {"start": resolve(real.model), **{k: inputs[k] / "model" for k in ("sft", "dpo") if k in inputs}}
     if real.judge is not None:
-        facts["mt_bench"] = _mt_bench(recipe, models, out)
+        judge = _server(real.judge, out, "judge")
+        if real.mt_bench is not None:
+            facts["mt_bench"] = _mt_bench(recipe, models, judge, out)
+        if real.alpaca_eval is not None:
+            facts["alpaca_eval"] = _alpaca_eval(recipe, models, judge, out)
+        facts.update(offline.backend_facts([judge]))
     if real.mc is not None:
         from dalign.mc import MCConfig, run_mc
 
@@ -221,24 +230,45 @@ def _evaluate(recipe, out: Path, inputs) -> dict:
     return facts
 
 
-def _mt_bench(recipe, models: dict, out: Path) -> dict:
+def _local(recipe, path, label: str) -> LocalModel:
+    return LocalModel(load_model(path), load_tokenizer(path, recipe.real.chat_template), recipe.evaluate.batch_size,
+                      name=label)
+
+
+def _mt_bench(recipe, models: dict, server, out: Path) -> dict:
     """MT-Bench through the prompted judge, one result file per model (a rerun skips finished ones)."""
     from dalign.prompted import PromptedJudge
 
-    real, summary = recipe.real, {}
-    questions = read_mt_bench(real.mt_bench)
-    judge = PromptedJudge(_server(real.judge, out, "judge"))
+    summary, questions, judge = {}, read_mt_bench(recipe.real.mt_bench), PromptedJudge(server)
     for label, path in models.items():
         result_path = out / f"mt_bench_{label}.json"
         if not result_path.exists():
-            model = LocalModel(load_model(path), load_tokenizer(path, real.chat_template),
-                               recipe.evaluate.batch_size, name=label)
+            model = _local(recipe, path, label)
             result = evaluate_mt_bench(model, judge, questions, recipe.evaluate, correctness=False)
             result["generation"] = model.throughput()
             write_json(result_path, result, indent=1)
         result = json.loads(result_path.read_text())
         summary[label] = {k: result[k] for k in ("score", "ci95", "categories", "judge_failures", "questions")}
-    return {"results": summary, **offline.backend_facts([judge.model])}
+    return summary
+
+
+def _alpaca_eval(recipe, models: dict, judge, out: Path) -> dict:
+    """Each model's greedy answers to the AlpacaEval instructions against the reference outputs,
+    judged in both orders (dalign.winrate); answers and verdicts are kept per model."""
+    rows = read_alpaca_eval(recipe.real.alpaca_eval)
+    instructions, reference = [r["instruction"] for r in rows], [r["output"] for r in rows]
+    greedy, summary = Sampling(0.0, recipe.evaluate.max_new_tokens, recipe.evaluate.seed), {}
+    for label, path in models.items():
+        answers_path, result_path = out / f"alpaca_answers_{label}.json", out / f"alpaca_eval_{label}.json"
+        if not answers_path.exists():
+            write_json(answers_path, _local(recipe, path, label).generate(
+                [[{"role": "user", "content": i}] for i in instructions], greedy), indent=1)
+        if not result_path.exists():
+            write_json(result_path, win_rate(instructions, json.loads(answers_path.read_text()), reference, judge), indent=1)
+        result = json.loads(result_path.read_text())
+        summary[label] = {k: result[k] for k in ("win_rate", "ci95", "length_controlled_win_rate", "wins", "ties",
+                                                 "losses", "judge_failures")}
+    return {"reference": rows[0]["generator"] if rows else None, "results": summary}
 
 
 RUNNERS = {"dialogues": _dialogues, "sft": _sft, "completions": _completions, "ratings": _ratings, "pairs": _pairs,

@@ -58,7 +58,7 @@ def run_sft(cfg: SFTConfig, model_path: Path, dialogues: Path, out: Path, replay
     random.Random(cfg.seed).shuffle(order)  # packing mixes dialogues and replay in every row
     ordered = [examples[i] for i in order]
     rows_to_train = pack(ordered, cfg.max_length) if cfg.packing else [[e] for e in ordered]
-    model = adapters.load_trainable(model_path, cfg.lora)
+    model = adapters.load_trainable(model_path, cfg.lora, cfg.seed)
     summary = train(model, rows_to_train, partial(collate, pad_id=tokenizer.pad_token_id), cfg, out, desc="sft")
     adapters.save_trained(model, model_path, cfg.lora, out)
     tokenizer.save_pretrained(out / "model")

@@ -77,24 +77,44 @@ def length_controlled(outcomes: Sequence[float], length_diffs: Sequence[float], 
     return float(1 / (1 + math.exp(-theta[0])))
 
 
+def _verdicts(judge: Backend, requests: list[list[dict]], retries: int) -> tuple[list, list, int]:
+    """Each request's verdict (None if it never parsed) and last raw reply; a reply that does not
+    parse is asked again, sampled with a new seed (a cached greedy reply would repeat itself)."""
+    verdicts, raws, asked = [None] * len(requests), [None] * len(requests), 0
+    pending = list(range(len(requests)))
+    for attempt in range(retries + 1):
+        if not pending:
+            break
+        asked += len(pending) if attempt else 0
+        replies = judge.generate([requests[i] for i in pending], Sampling(0.0 if attempt == 0 else 0.7, 512, attempt))
+        for i, reply in zip(pending, replies):
+            raws[i] = reply
+            try:
+                verdicts[i] = parse_verdict(reply)
+            except VerdictParseError:
+                pass
+        pending = [i for i in pending if verdicts[i] is None]
+    return verdicts, raws, asked
+
+
 def win_rate(instructions: Sequence[str], model_answers: Sequence[str], reference_answers: Sequence[str],
-             judge: Backend) -> dict:
+             judge: Backend, retries: int = 1) -> dict:
     first = [comparison_prompt(i, m, r) for i, m, r in zip(instructions, model_answers, reference_answers)]
     second = [comparison_prompt(i, r, m) for i, m, r in zip(instructions, model_answers, reference_answers)]
-    replies = judge.generate(first + second, Sampling(0.0))
-    items, failures = [], 0
+    verdicts, replies, retried = _verdicts(judge, first + second, retries)
+    items, failed = [], []
     for k, instruction in enumerate(instructions):
-        try:
-            v1, v2 = parse_verdict(replies[k]), parse_verdict(replies[len(instructions) + k])
-        except VerdictParseError:
-            failures += 1
+        v1, v2 = verdicts[k], verdicts[len(instructions) + k]
+        raw = [replies[k], replies[len(instructions) + k]]
+        if v1 is None or v2 is None:  # counted and kept with the raw replies, never guessed
+            failed.append({"instruction": instruction, "raw": raw})
             continue
         items.append({"instruction": instruction, "model": model_answers[k], "reference": reference_answers[k],
-                      "verdicts": [v1, v2], "outcome": outcome(v1, v2),
-                      "raw": [replies[k], replies[len(instructions) + k]]})
+                      "verdicts": [v1, v2], "outcome": outcome(v1, v2), "raw": raw})
+    failures = len(failed)
     outcomes = [it["outcome"] for it in items]
     rate, half = mean_ci(outcomes)
     diffs = [len(it["model"].split()) - len(it["reference"].split()) for it in items]
     return {"win_rate": rate, "ci95": half, "length_controlled_win_rate": length_controlled(outcomes, diffs) if items else None,
             "wins": outcomes.count(1.0), "ties": outcomes.count(0.5), "losses": outcomes.count(0.0),
-            "judge_failures": failures, "judge": judge.name, "items": items}
+            "judge_failures": failures, "judge_retries": retried, "judge": judge.name, "items": items, "failed": failed}

@@ -32,6 +32,8 @@ def play(request: dict) -> str:
         return "\n".join(f"Response {k}\n" + "".join(f"{a}: {5 if GOOD in body else 1}\n" for a in
                                                      ("Instruction-following", "Honesty", "Truthfulness", "Helpfulness"))
                          + "Rationale: plain." for k, body in blocks)
+    if text.startswith("Two assistants answered"):  # a judge with a position bias: always the first
+        return "The first is clearer.\nPreferred: (a)"
     if "Rating: [[" in text:
         return "It answers.\nRating: [[7]]"
     if text.startswith("You are playing a curious person"):
@@ -80,12 +82,14 @@ def recipe(tmp_path, world_tokenizer, one_thread, server, monkeypatch):
     write_rows(tmp_path / "questions.jsonl", [
         {"question_id": 1, "category": "writing", "turns": ["Write one line about rain.", "Make it sad."]},
         {"question_id": 2, "category": "math", "turns": ["What is 2 + 3?", "And times 2?"], "reference": ["5", "10"]}])
+    write_rows(tmp_path / "alpaca.jsonl", [{"instruction": f"Say {w}.", "output": f"{w}.", "generator": "ref"}
+                                           for w in ("hello", "goodbye", "thanks")])
     server_cfg = f"{{base_url: '{url}', model: tiny-teacher, api_key_env: DALIGN_TEST_KEY, max_retries: 1}}"
     return load_recipe(None, [
         f"run_dir={tmp_path / 'run'}", f"real.model={tmp_path / 'start'}",
         f"real.teacher={server_cfg}", "real.topics=[cooking, the weather, trains]",
         f"real.prompts={{path: {tmp_path / 'prompts.jsonl'}}}", f"real.judge={server_cfg}",
-        f"real.mt_bench={{path: {tmp_path / 'questions.jsonl'}}}",
+        f"real.mt_bench={{path: {tmp_path / 'questions.jsonl'}}}", f"real.alpaca_eval={{path: {tmp_path / 'alpaca.jsonl'}}}",
         "dialogues={n_dialogues: 12, min_turns: 1, max_turns: 2, max_tokens: 128, chunk_size: 5}",
         "sft={max_steps: 6, max_length: 128, per_device_batch_size: 4, learning_rate: 1e-2, lora: {rank: 4, alpha: 8}}",
         f"completions={{per_prompt: 2, max_new_tokens: 8, chunk_size: 16, members: [{{name: server, openai: {server_cfg}}},"
@@ -121,9 +125,15 @@ def test_the_whole_real_path_runs_through_servers_and_reruns_for_free(recipe, tm
     assert out["dpo"]["start"] == str(tmp_path / "run" / "sft" / "model")
     held = out["evaluate"]["held_out"]
     assert held["pairs"] == pairs["test"] and 0 <= held["reward_accuracy"] <= 1
-    mt = out["evaluate"]["mt_bench"]["results"]
+    mt = out["evaluate"]["mt_bench"]
     assert set(mt) == {"start", "sft", "dpo"}
     assert all(r["questions"] == 2 and r["judge_failures"] == 0 and r["score"] == 7 for r in mt.values())
+    # AlpacaEval-style: a judge that always prefers position (a) gives every model ties, no wins.
+    alpaca = out["evaluate"]["alpaca_eval"]
+    assert alpaca["reference"] == "ref" and set(alpaca["results"]) == {"start", "sft", "dpo"}
+    assert all(r["ties"] == 3 and r["win_rate"] == 0.5 and r["judge_failures"] == 0 for r in alpaca["results"].values())
+    judged = out["evaluate"]["usage"]["judge"]  # per model: 4 grades and 6 verdicts, asked or found in the cache
+    assert judged["requests"] + judged["cache_hits"] == 3 * (2 * 2 + 2 * 3)
     # The key went to the server and nowhere else.
     assert log and all(a == f"Bearer {SECRET}" for a in log)
     for path in (tmp_path / "run").rglob("*"):

@@ -22,22 +22,25 @@ def recipe(tmp_path, world_tokenizer, one_thread):
     build_model(TINY, world_tokenizer, seed=0).save_pretrained(tmp_path / "start")
     world_tokenizer.save_pretrained(tmp_path / "start")
     # The source file in ultrafeedback_binarized's plain-string form, as the real sample has it.
+    # Rejected is chosen padded with a stock sign-off: a habit a tiny random model can learn to
+    # avoid from some pairs and show on others (right-versus-wrong answers need knowledge it lacks).
     rows = [{"prompt": r["prompt"][0]["content"], "chosen": r["chosen"][0]["content"],
-             "rejected": r["rejected"][0]["content"], "score_chosen": 9.0, "score_rejected": 3.0} for r in world_pairs(40)]
+             "rejected": r["chosen"][0]["content"] + " I hope this helps you.", "score_chosen": 9.0,
+             "score_rejected": 3.0} for r in world_pairs(96)]
     write_rows(tmp_path / "uf.jsonl", rows)
     src = str(tmp_path / "uf.jsonl")
     return load_recipe(None, [f"run_dir={tmp_path / 'run'}", f"real.model={tmp_path / 'start'}", "real.skip=[sft]",
-                              f"real.pairs={{path: {src}, limit: 32}}", f"real.held_out={{path: {src}, offset: 32}}",
-                              "dpo.max_steps=20", "dpo.learning_rate=2e-2", "dpo.beta=0.5", "dpo.lora={rank: 4, alpha: 8}"])
+                              f"real.pairs={{path: {src}, limit: 64}}", f"real.held_out={{path: {src}, offset: 64}}",
+                              "dpo.max_steps=30", "dpo.learning_rate=2e-2", "dpo.beta=0.5", "dpo.lora={rank: 4, alpha: 8}"])
 
 
 def test_a_real_recipe_trains_and_reports_held_out_reward_accuracy(recipe, tmp_path):
     out = run(recipe)
-    assert out["pairs"]["train"]["kept"] == 32 and out["pairs"]["test"]["kept"] == 8
+    assert out["pairs"]["train"]["kept"] == 64 and out["pairs"]["test"]["kept"] == 32
     held = out["evaluate"]["held_out"]
-    assert held["pairs"] == 8 and 0 <= held["reward_accuracy"] <= 1 and held["ci95"] >= 0
-    # The pairs it never saw: right answers chosen over wrong ones, learned from the other 32.
-    assert held["reward_accuracy"] >= 0.75
+    assert held["pairs"] == 32 and 0 <= held["reward_accuracy"] <= 1 and held["ci95"] >= 0
+    # The pairs it never saw: the padded answer is the rejected one, learned from the other 64.
+    assert held["reward_accuracy"] >= 0.9
     assert json.loads((tmp_path / "run" / "evaluate" / "reward_accuracy.json").read_text()) == held
     AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "dpo" / "model")  # plain transformers
     again = run(recipe)  # every stage complete: nothing recomputed

@@ -62,3 +62,26 @@ def test_length_control_removes_a_pure_length_effect():
     assert length_controlled(outcomes, diffs) == pytest.approx(0.5, abs=1e-6)
     # With no length difference at all, the controlled rate is the raw rate.
     assert length_controlled([1.0] * 7 + [0.0] * 3, [0] * 10) == pytest.approx(0.7, abs=1e-6)
+
+
+class GarblesFirstTries:
+    """Answers 'Preferred: (a)' only from its `good_from`-th attempt (seed) on; before that, prose."""
+    name = "garbler"
+
+    def __init__(self, good_from: int):
+        self.good_from, self.seeds = good_from, []
+
+    def generate(self, conversations, sampling=Sampling()):
+        self.seeds.append(sampling.seed)
+        ok = sampling.seed >= self.good_from
+        return ["Preferred: (a)" if ok else "Both are fine, I think."] * len(conversations)
+
+
+def test_an_unparseable_verdict_is_asked_again_then_counted_with_its_raw_reply():
+    judge = GarblesFirstTries(good_from=1)
+    result = win_rate(QUESTIONS[:4], RIGHT[:4], WRONG[:4], judge, retries=1)
+    assert judge.seeds == [0, 1] and result["judge_retries"] == 8 and result["judge_failures"] == 0
+    assert result["ties"] == 4  # it always prefers (a): position bias, so ties
+    never = win_rate(QUESTIONS[:4], RIGHT[:4], WRONG[:4], GarblesFirstTries(good_from=9), retries=2)
+    assert never["judge_failures"] == 4 and never["items"] == [] and never["win_rate"] != never["win_rate"]  # nan
+    assert never["failed"][0]["raw"] == ["Both are fine, I think."] * 2

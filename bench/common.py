@@ -1,0 +1,126 @@
+"""What every benchmark shares: synthetic rows, the two model sizes, a word-level tokenizer
+both trainers read the same way, a peak-memory meter, and FLOP counting.
+
+The rows are token sequences with prompts of 20-200 tokens and answers of 20-300 at length
+512 (both scaled with the length), over an 8192-word vocabulary. The tokenizer maps each
+space-separated word to one id, so TRL, which tokenizes text itself, sees exactly the ids
+dalign is handed directly.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+import random
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+VOCAB = 8192
+SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
+EOS, PAD = 2, 3
+
+# Llama shapes of about 7.4M and 34M parameters at an 8192-token vocabulary (untied head).
+SIZES = {"7M": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4),
+         "34M": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8)}
+
+
+def tokenizer() -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {t: i for i, t in enumerate(SPECIALS)} | {f"w{i}": i for i in range(len(SPECIALS), VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
+
+
+def model(size: str, max_length: int, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=VOCAB, max_position_embeddings=max(2048, max_length), tie_word_embeddings=False,
+                         bos_token_id=1, eos_token_id=EOS, pad_token_id=PAD, attn_implementation="sdpa", **SIZES[size])
+    return LlamaForCausalLM(config).float()
+
+
+@dataclass
+class Row:
+    prompt: list[int]
+    chosen: list[int]  # ends with EOS
+    rejected: list[int]  # ends with EOS
+
+
+def rows(n: int, max_length: int, seed: int = 0) -> list[Row]:
+    """n preference rows; SFT uses prompt + chosen. Lengths scale with max_length / 512, so
+    that every row fits (a prompt of 200 and an answer of 300 make 500 at 512)."""
+    rng, scale = random.Random(seed), max_length / 512
+
+    def words(lo: int, hi: int) -> list[int]:
+        return [rng.randrange(len(SPECIALS), VOCAB) for _ in range(rng.randint(int(lo * scale), int(hi * scale)))]
+
+    return [Row(words(20, 200), words(20, 300) + [EOS], words(20, 300) + [EOS]) for _ in range(n)]
+
+
+def text(ids: list[int]) -> str:
+    return " ".join("</s>" if i == EOS else f"w{i}" for i in ids)
+
+
+class PeakMemory:
+    """Peak resident memory above the level at entry, sampled every 5 ms in a thread; freed
+    memory is handed back to the system first (malloc_trim) so one trainer's leftovers do not
+    hide the next one's peak."""
+
+    def __enter__(self):
+        gc.collect()
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:
+            pass
+        self.base = self.peak = _rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, _rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+
+    @property
+    def gib(self) -> float:
+        return (self.peak - self.base) / 2**30
+
+
+def _rss() -> int:
+    with open(f"/proc/{os.getpid()}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def flops_per_token(m: LlamaForCausalLM, seq_len: float, backward: bool) -> float:
+    """Model FLOPs per token: 2 per weight in the matmuls (every weight but the embedding
+    lookup), plus attention scores and values (2 x 2 x layers x hidden x mean causal context);
+    a backward pass costs twice the forward."""
+    c = m.config
+    weights = sum(p.numel() for n, p in m.named_parameters() if "embed_tokens" not in n and p.dim() == 2)
+    forward = 2 * weights + 4 * c.num_hidden_layers * c.hidden_size * seq_len / 2
+    return forward * (3 if backward else 1)
+
+
+def matmul_peak(seconds: float = 3.0, n: int = 1024) -> float:
+    """fp32 matmul FLOP/s of this machine on all its threads, the best of repeated n x n products."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        start = time.perf_counter()
+        for _ in range(4):
+            torch.mm(a, b)
+        best = max(best, 4 * 2 * n**3 / (time.perf_counter() - start))
+    return best

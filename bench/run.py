@@ -1,0 +1,121 @@
+"""`make bench`: dalign against TRL, one after the other in this one process.
+
+    python -m bench.run [--sizes 7M 34M] [--lengths 256 512 1024 2048] [--rows 64] [--batch 8]
+                        [--parts sft dpo generation] [--out bench/results.json]
+
+For every size and length: SFT (TRL padded, TRL padding-free, dalign) and DPO (TRL, TRL with
+precomputed reference log-probs, dalign), each one epoch over the same rows. Prints a table
+and writes every figure as JSON. Ratios are dalign over TRL's fastest configuration; DPO is
+timed end to end, any reference precompute included. Model FLOP utilisation is measured
+against the fp32 matmul peak taken at the start of the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+
+from bench import common, generation, trainers
+
+
+def _record(name: str, result: dict, flops_per_token: float, peak: float) -> dict:
+    tps = result["useful_tokens"] / result["seconds"]
+    return {"trainer": name, **result, "tokens_per_s": tps, "mfu": tps * flops_per_token / peak}
+
+
+def bench_size(size: str, length: int, n_rows: int, batch: int, parts: list[str], peak: float) -> dict:
+    rows = common.rows(n_rows, length)
+    model = common.model(size, length)
+    params = sum(p.numel() for p in model.parameters())
+    out = {"size": size, "parameters": params, "max_length": length, "rows": n_rows, "batch": batch}
+    if "sft" in parts:
+        mean = sum(len(r.prompt) + len(r.chosen) for r in rows) / n_rows
+        f = common.flops_per_token(model, mean, backward=True)
+        runs = [_record("trl", trainers.trl_sft(size, rows, batch, length, padding_free=False), f, peak),
+                _record("trl padding_free", trainers.trl_sft(size, rows, batch, length, padding_free=True), f, peak),
+                _record("dalign", trainers.dalign_sft(size, rows, batch, length), f, peak)]
+        out["sft"] = _compare(runs)
+    if "dpo" in parts:
+        mean = sum(len(r.prompt) * 2 + len(r.chosen) + len(r.rejected) for r in rows) / (2 * n_rows)
+        # Per useful token: the policy's forward and backward, and the reference's forward.
+        f = common.flops_per_token(model, mean, backward=True) + common.flops_per_token(model, mean, backward=False)
+        runs = [_record("trl", trainers.trl_dpo(size, rows, batch, length, precompute=False), f, peak),
+                _record("trl precompute_ref_log_probs", trainers.trl_dpo(size, rows, batch, length, precompute=True), f, peak),
+                _record("dalign padded", trainers.dalign_dpo(size, rows, batch, length, packed=False), f, peak),
+                _record("dalign", trainers.dalign_dpo(size, rows, batch, length, packed=True), f, peak)]
+        out["dpo"] = _compare(runs)
+        for r in out["dpo"]["runs"]:  # at step one the policy is the reference: the loss is ln 2 on both
+            r["first_loss_error"] = abs(_first(r) - math.log(2))
+    return out
+
+
+def _first(run: dict) -> float:
+    return run["first_loss_logged"] if "first_loss_logged" in run else run["first_loss"]
+
+
+def _compare(runs: list[dict]) -> dict:
+    peers = [r for r in runs if r["trainer"].startswith("trl")]
+    ours = next(r for r in runs if r["trainer"] == "dalign")
+    fastest = max(peers, key=lambda r: r["tokens_per_s"])
+    first_ours = ours["first_loss"]
+    for r in runs:
+        r["first_loss_error"] = abs(_first(r) - first_ours)
+    return {"runs": runs, "fastest_peer": fastest["trainer"], "speed_ratio": ours["tokens_per_s"] / fastest["tokens_per_s"],
+            "memory_ratio": ours["peak_gib"] / fastest["peak_gib"] if fastest["peak_gib"] > 0 else None}
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| part | model | length | trainer | tokens/s | MFU | peak GiB | first-loss diff |", "|---|---|---|---|---|---|---|---|"]
+    for res in results:
+        for part in ("sft", "dpo"):
+            if part not in res:
+                continue
+            for r in res[part]["runs"]:
+                lines.append(f"| {part} | {res['size']} | {res['max_length']} | {r['trainer']} | {r['tokens_per_s']:,.0f} | "
+                             f"{r['mfu']:.0%} | {r['peak_gib']:.2f} | {r.get('first_loss_error', 0):.1e} |")
+            c = res[part]
+            mem = f"{c['memory_ratio']:.2f}" if c["memory_ratio"] is not None else "-"
+            lines.append(f"| {part} | {res['size']} | {res['max_length']} | **dalign / {c['fastest_peer']}** | "
+                         f"**{c['speed_ratio']:.2f}x** | | {mem}x | |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", nargs="+", default=["7M", "34M"], choices=list(common.SIZES))
+    ap.add_argument("--lengths", nargs="+", type=int, default=[256, 512, 1024, 2048])
+    ap.add_argument("--rows", type=int, default=64, help="rows per trainer: one epoch over them")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--parts", nargs="+", default=["sft", "dpo", "generation"], choices=["sft", "dpo", "generation"])
+    ap.add_argument("--out", default="bench/results.json")
+    args = ap.parse_args(argv)
+    peak = common.matmul_peak()
+    meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "
+            f"{torch.get_num_threads()} threads", "matmul_peak_gflops": peak / 1e9,
+            "versions": {p: version(p) for p in ("torch", "transformers", "trl", "dalign")}}
+    print(json.dumps(meta))
+    results = []
+    for size in args.sizes:
+        for length in args.lengths:
+            if {"sft", "dpo"} & set(args.parts):
+                results.append(bench_size(size, length, args.rows, args.batch, args.parts, peak))
+                print(table(results[-1:]), flush=True)
+    gen = generation.compare(args.sizes[0], 64, 16, 64) if "generation" in args.parts else None
+    if gen:
+        print(f"generation ({args.sizes[0]}, 64 prompts, batch 16, 64 new tokens): local backend "
+              f"{gen['local_backend_tokens_per_s']:,.0f} tokens/s, one at a time {gen['one_at_a_time_tokens_per_s']:,.0f}: "
+              f"{gen['ratio']:.1f}x")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"meta": meta, "training": results, "generation": gen}, indent=1))
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
