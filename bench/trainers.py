@@ -23,7 +23,7 @@ from dalign.chat import IGNORE
 from dalign.config import DPOConfig, SFTConfig
 from dalign.dpo import Pair, PreferenceObjective, collate_pairs, pair_logps
 from dalign.losses import PreferenceLoss
-from dalign.packed import collate_packed_pairs, packed_attention
+from dalign.packed import collate_packed, collate_packed_pairs, packed_attention
 from dalign.train import Example, collate, pack, token_loss_sum, train
 
 LR = 1e-4
@@ -49,9 +49,9 @@ def dalign_sft(size: str, rows: list[common.Row], batch: int, max_length: int) -
     with torch.no_grad():
         loss, count = token_loss_sum(model, collate([[e] for e in examples[:batch]], common.PAD))
     first = loss.item() / count  # the mean over the first rows' answer tokens, as TRL logs it
-    with tempfile.TemporaryDirectory() as out, common.PeakMemory() as mem:
+    with tempfile.TemporaryDirectory() as out, common.PeakMemory() as mem, packed_attention(model):
         start = time.perf_counter()
-        train(model, bins, partial(collate, pad_id=common.PAD), cfg, Path(out), desc="dalign sft")
+        train(model, bins, collate_packed, cfg, Path(out), desc="dalign sft")  # as dalign.sft runs it
         seconds = time.perf_counter() - start
     return {"seconds": seconds, "useful_tokens": sum(len(e.input_ids) for e in examples), "peak_gib": mem.gib,
             "first_loss": first}

@@ -74,6 +74,26 @@ def use_packed_attention(model) -> None:
     model.set_attn_implementation(ATTENTION)
 
 
+def collate_packed(rows) -> dict:
+    """Every example of a micro-batch (rows of dalign.train Examples, as `pack` makes them) in
+    one row, each attending only itself, position ids restarting; `predict_at` and `targets`
+    hold where a labelled token is predicted and which, for dalign.train.token_loss_sum."""
+    ids, pos, spans, at, targets = [], [], [], [], []
+    for row in rows:
+        for ex in row:
+            start, n = len(ids), len(ex.input_ids)
+            ids += ex.input_ids
+            pos += range(n)
+            spans.append(Span(start, start, start + n, start + n))
+            # An example's first token is never predicted (nothing before it in its own sequence).
+            for k in range(1, n):
+                if ex.labels[k] != IGNORE:
+                    at.append(start + k - 1)
+                    targets.append(ex.labels[k])
+    return {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([pos]), "dalign_spans": spans,
+            "predict_at": torch.tensor(at, dtype=torch.long), "targets": torch.tensor(targets, dtype=torch.long)}
+
+
 def collate_packed_pairs(pairs) -> dict:
     """dalign.dpo Pairs in one row of [prompt, chosen, rejected] spans. The scored sequences
     are the chosen answers (0..n-1), then the rejected (n..2n-1), as `collate_pairs` orders them:
@@ -106,10 +126,16 @@ def collate_packed_pairs(pairs) -> dict:
             "ref_rejected": torch.tensor([p.ref_rejected for p in pairs], dtype=torch.float64)}
 
 
+def packed_logits(model, batch: dict) -> torch.Tensor:
+    """Logits (N, V) at the packed batch's `predict_at` positions only: the head and the softmax
+    over the vocabulary skip every position whose next token carries no loss."""
+    return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], dalign_spans=batch["dalign_spans"],
+                 logits_to_keep=batch["predict_at"], use_cache=False).logits[0].float()
+
+
 def packed_token_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(token) at every scored answer token of a packed batch, and its sequence index."""
-    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], dalign_spans=batch["dalign_spans"],
-                   logits_to_keep=batch["predict_at"], use_cache=False).logits[0].float()  # (N, V)
+    logits = packed_logits(model, batch)
     return torch.log_softmax(logits, dim=-1).gather(-1, batch["targets"].unsqueeze(-1)).squeeze(-1), batch["sequence"]
 
 

@@ -6,6 +6,7 @@ pretraining text (all tokens labelled) so that the base model's knowledge surviv
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections import Counter
 from functools import partial
@@ -18,6 +19,7 @@ from dalign import adapters
 from dalign.chat import tokenize_dialogue
 from dalign.config import SFTConfig
 from dalign.data import ReadReport, read_rows, validate_dialogue
+from dalign.packed import collate_packed, packed_attention
 from dalign.train import Example, collate, pack, train
 
 
@@ -59,7 +61,11 @@ def run_sft(cfg: SFTConfig, model_path: Path, dialogues: Path, out: Path, replay
     ordered = [examples[i] for i in order]
     rows_to_train = pack(ordered, cfg.max_length) if cfg.packing else [[e] for e in ordered]
     model = adapters.load_trainable(model_path, cfg.lora, cfg.seed)
-    summary = train(model, rows_to_train, partial(collate, pad_id=tokenizer.pad_token_id), cfg, out, desc="sft")
+    # Packed rows go through the span attention: each dialogue attends only itself, with no
+    # mask over the whole row and no work across dialogues.
+    collate_fn = collate_packed if cfg.packing else partial(collate, pad_id=tokenizer.pad_token_id)
+    with packed_attention(model) if cfg.packing else contextlib.nullcontext():
+        summary = train(model, rows_to_train, collate_fn, cfg, out, desc="sft")
     adapters.save_trained(model, model_path, cfg.lora, out)
     tokenizer.save_pretrained(out / "model")
     return {**summary, "rows": {"kept": len(examples) - n_replay, "dropped": dict(dropped), "replay": n_replay},

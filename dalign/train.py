@@ -86,7 +86,13 @@ def collate(rows: Sequence[list[Example]], pad_id: int) -> dict[str, torch.Tenso
 
 
 def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropy over labelled tokens, and their count."""
+    """Sum of next-token cross-entropy over labelled tokens, and their count (a packed batch,
+    dalign.packed.collate_packed, computes logits only where a labelled token is predicted)."""
+    if "dalign_spans" in batch:
+        from dalign.packed import packed_logits
+
+        targets = batch["targets"]
+        return torch.nn.functional.cross_entropy(packed_logits(model, batch), targets, reduction="sum"), len(targets)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     logits = model(**inputs, use_cache=False).logits[:, :-1]  # (B, T-1, V)
     targets = batch["labels"][:, 1:]
@@ -110,6 +116,8 @@ class TokenObjective:
     """Next-token cross-entropy on labelled tokens (pretraining and SFT)."""
 
     def count(self, batch: dict) -> int:
+        if "dalign_spans" in batch:
+            return len(batch["targets"])
         return int((batch["labels"][:, 1:] != IGNORE).sum())
 
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:

@@ -77,3 +77,18 @@ def test_dpo_trains_the_same_packed_or_padded(setup, lora, tmp_path):
     for a, b in zip(logs[False], logs[True]):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
         assert a["rewards/margin"] == pytest.approx(b["rewards/margin"], abs=1e-4)
+
+
+def test_packed_sft_loss_and_gradients_equal_the_padded_ones(pairs_and_models):
+    from dalign.packed import collate_packed
+    from dalign.train import collate, pack, token_loss_sum
+
+    pairs, plain, packed, pad = pairs_and_models
+    examples = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    want, n_want = token_loss_sum(plain, collate([[e] for e in examples], pad))  # one padded row each
+    got, n_got = token_loss_sum(packed, collate_packed(pack(examples, 200)))  # several per bin, one row in all
+    assert n_got == n_want and torch.allclose(got, want, rtol=1e-5), (got, want)
+    want.backward()
+    got.backward()
+    for (name, a), b in zip(plain.named_parameters(), packed.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-4), name
