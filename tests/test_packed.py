@@ -92,3 +92,19 @@ def test_packed_sft_loss_and_gradients_equal_the_padded_ones(pairs_and_models):
     got.backward()
     for (name, a), b in zip(plain.named_parameters(), packed.parameters()):
         assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-4), name
+
+
+def test_grouped_query_attention_packs_the_same(pairs_and_models, world_tokenizer):
+    # SmolLM2 and Mistral share each key/value head among several query heads.
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    pairs, _, _, pad = pairs_and_models
+    torch.manual_seed(0)
+    plain = LlamaForCausalLM(LlamaConfig(vocab_size=len(world_tokenizer), hidden_size=32, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                                         max_position_embeddings=256, pad_token_id=pad))
+    packed = copy.deepcopy(plain)
+    use_packed_attention(packed)
+    want = sequence_logps(plain, collate_pairs(pairs, pad))
+    got = sequence_logps(packed, collate_packed_pairs(pairs))
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-5), (got - want).abs().max()
