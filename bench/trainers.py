@@ -8,12 +8,9 @@ on the same first rows (the same work is being done when those agree).
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import math
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -29,7 +26,7 @@ from dalign.train import Example, collate, pack, token_loss_sum, train
 LR = 1e-4
 
 
-def _settings(batch: int, max_length: int) -> dict:
+def _settings(max_length: int) -> dict:
     return dict(learning_rate=LR, warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=1.0, max_length=max_length,
                 epochs=1, checkpoint_every=10**9, log_every=10**9, seed=0)
 
@@ -44,7 +41,7 @@ def dalign_sft(size: str, rows: list[common.Row], batch: int, max_length: int) -
     examples = sft_examples(rows)
     bins = pack(examples, max_length)
     per_step = max(1, round(batch * len(bins) / len(examples)))
-    cfg = SFTConfig(per_device_batch_size=per_step, **_settings(batch, max_length))
+    cfg = SFTConfig(per_device_batch_size=per_step, **_settings(max_length))
     model = common.model(size, max_length)
     with torch.no_grad():
         loss, count = token_loss_sum(model, collate([[e] for e in examples[:batch]], common.PAD))
@@ -92,18 +89,18 @@ def dpo_pairs(rows: list[common.Row]) -> list[Pair]:
 def dalign_dpo(size: str, rows: list[common.Row], batch: int, max_length: int, packed: bool) -> dict:
     """dalign's dDPO as run_dpo runs it: reference log-probs computed once (timed), then the loop."""
     pairs = dpo_pairs(rows)
-    cfg = DPOConfig(per_device_batch_size=batch, beta=0.1, packed=packed, **_settings(batch, max_length))
+    cfg = DPOConfig(per_device_batch_size=batch, beta=0.1, packed=packed, **_settings(max_length))
     model, objective = common.model(size, max_length), PreferenceObjective(0.1, PreferenceLoss.SIGMOID)
     collate_fn = collate_packed_pairs if packed else lambda chunk: collate_pairs(chunk, common.PAD)
     with tempfile.TemporaryDirectory() as out, common.PeakMemory() as mem:
         start = time.perf_counter()
         reference = copy.deepcopy(model).eval()  # a frozen copy, as the product loads one
-        with torch.no_grad(), packed_attention(reference) if packed else contextlib.nullcontext():
+        with torch.no_grad(), packed_attention(reference, packed):
             for pair, (c, r) in zip(pairs, pair_logps(reference, pairs, batch, common.PAD, packed=packed)):
                 pair.ref_chosen, pair.ref_rejected = c, r
         del reference
         setup = time.perf_counter() - start
-        with packed_attention(model) if packed else contextlib.nullcontext():
+        with packed_attention(model, packed):
             with torch.no_grad():
                 first = objective.loss(copy.deepcopy(model), collate_fn(pairs[:batch]))[0].item() / batch
             train(model, pairs, collate_fn, cfg, Path(out), objective=objective, desc="dalign dpo")
@@ -141,8 +138,3 @@ def trl_dpo(size: str, rows: list[common.Row], batch: int, max_length: int, prec
 def _in_order(trainer) -> None:
     """Batches in row order, so TRL's first logged loss is on the rows dalign's is computed on."""
     trainer._get_train_sampler = lambda *args, **kwargs: torch.utils.data.SequentialSampler(trainer.train_dataset)
-
-
-def check_first_loss(result: dict, expected: float) -> float:
-    """Difference between a trainer's logged first loss and the value it must have."""
-    return abs(result.get("first_loss", result.get("first_loss_logged", math.nan)) - expected)

@@ -24,7 +24,7 @@ from dalign.config import DPOConfig
 from dalign.data import read_rows, validate_preference, write_json
 from dalign.losses import PreferenceLoss, preference_loss
 from dalign.packed import collate_packed_pairs, packed_attention, packed_token_logps
-from dalign.train import Example, collate, train
+from dalign.train import Example, collate, to_device, train
 
 
 @dataclass
@@ -70,9 +70,9 @@ def sequence_logps(model, batch: dict, mean: bool = False) -> torch.Tensor:
     packed batch (dalign.packed), over each scored sequence's, in the same order."""
     if "dalign_spans" in batch:
         token_logps, sequence = packed_token_logps(model, batch)
-        rows = 2 * len(batch["ref_chosen"])
-        total = torch.zeros(rows, dtype=token_logps.dtype, device=token_logps.device).index_add(0, sequence, token_logps)
-        return total / torch.bincount(sequence, minlength=rows).clamp(min=1) if mean else total
+        total = torch.zeros(2 * len(batch["ref_chosen"]), dtype=token_logps.dtype,
+                            device=token_logps.device).index_add(0, sequence, token_logps)
+        return total / answer_tokens(batch).clamp(min=1) if mean else total
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     logits = model(**inputs, use_cache=False).logits[:, :-1].float()  # (B, T-1, V)
     targets = batch["labels"][:, 1:]
@@ -90,8 +90,7 @@ def pair_logps(model, pairs: list[Pair], batch_size: int, pad_id: int, mean: boo
     values = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
-        batch = collate_packed_pairs(chunk) if packed else collate_pairs(chunk, pad_id)
-        batch = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        batch = to_device(collate_packed_pairs(chunk) if packed else collate_pairs(chunk, pad_id), model.device)
         logps = sequence_logps(model, batch, mean=mean).tolist()
         values += list(zip(logps[:len(chunk)], logps[len(chunk):]))
     return values
@@ -156,7 +155,7 @@ def reference_logps(reference_path: Path, pairs: list[Pair], pairs_path: Path, c
     else:
         model = adapted or AutoModelForCausalLM.from_pretrained(reference_path)
         with adapted.disable_adapter() if adapted is not None else contextlib.nullcontext(), \
-                packed_attention(model) if cfg.packed else contextlib.nullcontext():
+                packed_attention(model, cfg.packed):
             values = pair_logps(model.eval(), pairs, cfg.per_device_batch_size, pad_id, cfg.loss.length_normalized,
                                 cfg.packed)
         write_json(cache, {"key": key, "logps": values})
@@ -182,7 +181,7 @@ def run_dpo(cfg: DPOConfig, policy_path: Path, reference_path: Path, pairs_path:
                               tokenizer.pad_token_id, adapted=model if cfg.lora is not None else None)
     model.train()
     collate_fn = collate_packed_pairs if cfg.packed else lambda chunk: collate_pairs(chunk, tokenizer.pad_token_id)
-    with packed_attention(model) if cfg.packed else contextlib.nullcontext():
+    with packed_attention(model, cfg.packed):
         summary = train(model, pairs, collate_fn, cfg, out, objective=PreferenceObjective(cfg.beta, cfg.loss,
                                                                                           cfg.chosen_nll), desc="dpo")
     adapters.save_trained(model, policy_path, cfg.lora, out)

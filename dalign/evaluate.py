@@ -86,41 +86,15 @@ def evaluate_mt_bench(model: Backend, judge: Backend, questions: list[dict], cfg
                         for q, c, a in zip(questions, convs, first)], failures)
     j2 = _judge(judge, [_reference(q, 1) + c + [{"role": "assistant", "content": a}]
                         for q, c, a in zip(questions, convs2, second)], failures)
-    if not correctness:
-        return _summary(model, judge, questions, first, second, j1, j2, failures)
-    # Greedy accuracy and pass@k on the first turns.
-    greedy = model.generate(convs, Sampling(0.0, cfg.max_new_tokens, cfg.seed))
-    jg = _judge(judge, [c + [{"role": "assistant", "content": a}] for c, a in zip(convs, greedy)], failures)
-    samples = model.generate([c for c in convs for _ in range(cfg.pass_k)],
-                             Sampling(cfg.pass_temperature, cfg.max_new_tokens, cfg.seed + 2))
-    js = _judge(judge, [c + [{"role": "assistant", "content": a}]
-                        for i, c in enumerate(convs) for a in samples[i * cfg.pass_k:(i + 1) * cfg.pass_k]], failures)
-    answers, by_cat = [], defaultdict(list)
-    for i, q in enumerate(questions):
-        sample_j = js[i * cfg.pass_k:(i + 1) * cfg.pass_k]
-        scores = [j["score"] for j in (j1[i], j2[i]) if j["score"] is not None]
-        row = {**q, "answers": [first[i], second[i]], "judgments": [j1[i], j2[i]], "score": statistics.fmean(scores) if scores else None,
-               "greedy_answer": greedy[i], "greedy_correct": bool(jg[i]["correct"]),
-               "pass_at_k": any(bool(j["correct"]) for j in sample_j), "first_turn_correct": bool(j1[i]["correct"])}
-        answers.append(row)
-        if row["score"] is not None:
-            by_cat[q["category"]].append(row)
-    scored = [r["score"] for r in answers if r["score"] is not None]
-    overall, half = mean_ci(scored)
-    categories = {c: {"score": statistics.fmean(r["score"] for r in rs),
-                      "first_turn_correct": statistics.fmean(r["first_turn_correct"] for r in rs),
-                      "greedy_accuracy": statistics.fmean(r["greedy_correct"] for r in rs),
-                      "pass_at_k": statistics.fmean(r["pass_at_k"] for r in rs)} for c, rs in by_cat.items()}
-    return {"model": model.name, "judge": judge.name, "questions": len(questions), "score": overall, "ci95": half,
-            "categories": categories,
-            "first_turn_correct": statistics.fmean(r["first_turn_correct"] for r in answers),
-            "greedy_accuracy": statistics.fmean(r["greedy_correct"] for r in answers),
-            "pass_at_k": statistics.fmean(r["pass_at_k"] for r in answers), "k": cfg.pass_k,
-            "judge_failures": len(failures), "answers": answers}
+    result = _summary(model, judge, questions, first, second, j1, j2)
+    if correctness:
+        _add_correctness(result, model, judge, convs, j1, cfg, failures)
+    result["judge_failures"] = len(failures)
+    return result
 
 
-def _summary(model: Backend, judge: Backend, questions: list[dict], first: list, second: list, j1: list, j2: list,
-             failures: list) -> dict:
+def _summary(model: Backend, judge: Backend, questions: list[dict], first: list, second: list, j1: list,
+             j2: list) -> dict:
     """MT-Bench's own summary: the mean 1-10 rating over both turns, overall and per category."""
     answers, by_cat = [], defaultdict(list)
     for i, q in enumerate(questions):
@@ -131,5 +105,29 @@ def _summary(model: Backend, judge: Backend, questions: list[dict], first: list,
             by_cat[q["category"]].append(answers[-1]["score"])
     overall, half = mean_ci([a["score"] for a in answers if a["score"] is not None])
     return {"model": model.name, "judge": judge.name, "questions": len(questions), "score": overall, "ci95": half,
-            "categories": {c: {"score": statistics.fmean(v)} for c, v in by_cat.items()},
-            "judge_failures": len(failures), "answers": answers}
+            "categories": {c: {"score": statistics.fmean(v)} for c, v in by_cat.items()}, "answers": answers}
+
+
+def _add_correctness(result: dict, model: Backend, judge: Backend, convs: list, j1: list, cfg: EvalConfig,
+                     failures: list) -> None:
+    """Greedy accuracy and pass@k on the first turns, added to the summary's rows, categories and totals."""
+    k = cfg.pass_k
+    greedy = model.generate(convs, Sampling(0.0, cfg.max_new_tokens, cfg.seed))
+    jg = _judge(judge, [c + [{"role": "assistant", "content": a}] for c, a in zip(convs, greedy)], failures)
+    samples = model.generate([c for c in convs for _ in range(k)],
+                             Sampling(cfg.pass_temperature, cfg.max_new_tokens, cfg.seed + 2))
+    js = _judge(judge, [c + [{"role": "assistant", "content": a}]
+                        for i, c in enumerate(convs) for a in samples[i * k:(i + 1) * k]], failures)
+    answers = result["answers"]
+    for i, row in enumerate(answers):
+        row.update({"greedy_answer": greedy[i], "greedy_correct": bool(jg[i]["correct"]),
+                    "pass_at_k": any(bool(j["correct"]) for j in js[i * k:(i + 1) * k]),
+                    "first_turn_correct": bool(j1[i]["correct"])})
+    for category, stats in result["categories"].items():
+        rows = [r for r in answers if r["category"] == category and r["score"] is not None]
+        stats.update({"first_turn_correct": statistics.fmean(r["first_turn_correct"] for r in rows),
+                      "greedy_accuracy": statistics.fmean(r["greedy_correct"] for r in rows),
+                      "pass_at_k": statistics.fmean(r["pass_at_k"] for r in rows)})
+    result.update({"first_turn_correct": statistics.fmean(r["first_turn_correct"] for r in answers),
+                   "greedy_accuracy": statistics.fmean(r["greedy_correct"] for r in answers),
+                   "pass_at_k": statistics.fmean(r["pass_at_k"] for r in answers), "k": k})

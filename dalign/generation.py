@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dalign.backends import Conversation, Sampling, Samplings, cut_at_stop, per_row
 from dalign.chat import prompt_ids
@@ -26,8 +25,12 @@ class LocalModel:
         self.generated_tokens, self.seconds = 0, 0.0  # throughput for the manifest
 
     @classmethod
-    def load(cls, path: str | Path, batch_size: int = 64) -> "LocalModel":
-        return cls(AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path), batch_size, str(path))
+    def load(cls, spec: str | Path, batch_size: int = 64, name: str | None = None,
+             chat_template: str | None = None) -> "LocalModel":
+        """A model folder, hub id or built-in name (dalign.models), with the recipe's chat template if given."""
+        from dalign.models import load_model, load_tokenizer
+
+        return cls(load_model(spec), load_tokenizer(spec, chat_template), batch_size, name or str(spec))
 
     @torch.no_grad()
     def generate(self, conversations: Sequence[Conversation], sampling: Samplings = Sampling()) -> list[str]:

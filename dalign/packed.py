@@ -140,9 +140,12 @@ def packed_token_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @contextlib.contextmanager
-def packed_attention(model):
+def packed_attention(model, enabled: bool = True):
     """The model with the span attention inside the block, its own attention again after (so
-    that a saved model loads anywhere)."""
+    that a saved model loads anywhere); with `enabled` false, the model as it is."""
+    if not enabled:
+        yield model
+        return
     before = model.config._attn_implementation
     use_packed_attention(model)
     try:

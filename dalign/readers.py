@@ -181,6 +181,11 @@ def _row_id(row: dict, key: str, text: str) -> str:
     return str(value) if isinstance(value, int) and not isinstance(value, bool) else _text(row, key)
 
 
+def _prompt_id(row: dict, prompt: list[dict]) -> str:
+    """The row's prompt_id, else the hash of a one-turn prompt's text (as the hub's) or of the whole prompt."""
+    return _row_id(row, "prompt_id", prompt[-1]["content"] if len(prompt) == 1 else json.dumps(prompt))
+
+
 def _dialogue(row: dict) -> dict:
     out = {"id": "-", "messages": _need(row, "messages")}
     validate_dialogue(out)  # dSFT trains on every assistant turn, so rows must end with one
@@ -231,7 +236,7 @@ def _preference(row: dict) -> dict:
     validate_preference(out)
     if out["chosen"] == out["rejected"]:  # no preference signal: DPO's gradient on it is zero
         raise RowError("chosen and rejected are the same", reason="identical_pair", field="rejected")
-    out["prompt_id"] = _row_id(row, "prompt_id", prompt[-1]["content"] if len(prompt) == 1 else json.dumps(prompt))
+    out["prompt_id"] = _prompt_id(row, prompt)
     out["score_chosen"], out["score_rejected"] = _score(row, "score_chosen"), _score(row, "score_rejected")
     return out
 
@@ -262,7 +267,7 @@ def _prompt(row: dict) -> dict:
     if isinstance(prompt, str):
         prompt = [{"role": "user", "content": _text(row, key)}]
     _check_conversation(_check_list({"prompt": prompt}, "prompt"), "prompt", ("user",))
-    return {"prompt_id": _row_id(row, "prompt_id", prompt[-1]["content"] if len(prompt) == 1 else json.dumps(prompt)),
+    return {"prompt_id": _prompt_id(row, prompt),
             "prompt": prompt}
 
 

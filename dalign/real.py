@@ -231,8 +231,7 @@ def _evaluate(recipe, out: Path, inputs) -> dict:
 
 
 def _local(recipe, path, label: str) -> LocalModel:
-    return LocalModel(load_model(path), load_tokenizer(path, recipe.real.chat_template), recipe.evaluate.batch_size,
-                      name=label)
+    return LocalModel.load(path, recipe.evaluate.batch_size, label, recipe.real.chat_template)
 
 
 def _mt_bench(recipe, models: dict, server, out: Path) -> dict:

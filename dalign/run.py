@@ -129,10 +129,7 @@ def member_backend(member, models: dict, out, chat_template: str | None = None):
         from dalign.openai_backend import OpenAIBackend
 
         return OpenAIBackend.for_stage(member.openai, out, member.name)
-    from dalign.models import load_model, load_tokenizer
-
-    spec = models.get(member.model, member.model)
-    return LocalModel(load_model(spec), load_tokenizer(spec, chat_template), name=member.name)
+    return LocalModel.load(models.get(member.model, member.model), name=member.name, chat_template=chat_template)
 
 
 def backend_facts(backends) -> dict:

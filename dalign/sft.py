@@ -6,7 +6,6 @@ pretraining text (all tokens labelled) so that the base model's knowledge surviv
 
 from __future__ import annotations
 
-import contextlib
 import random
 from collections import Counter
 from functools import partial
@@ -64,7 +63,7 @@ def run_sft(cfg: SFTConfig, model_path: Path, dialogues: Path, out: Path, replay
     # Packed rows go through the span attention: each dialogue attends only itself, with no
     # mask over the whole row and no work across dialogues.
     collate_fn = collate_packed if cfg.packing else partial(collate, pad_id=tokenizer.pad_token_id)
-    with packed_attention(model) if cfg.packing else contextlib.nullcontext():
+    with packed_attention(model, cfg.packing):
         summary = train(model, rows_to_train, collate_fn, cfg, out, desc="sft")
     adapters.save_trained(model, model_path, cfg.lora, out)
     tokenizer.save_pretrained(out / "model")

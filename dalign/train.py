@@ -191,7 +191,7 @@ def train(model, rows: Sequence, make_batch: Callable[[list], dict], cfg: TrainC
     # Logged values are means over the steps since the last log line (per unit: token or pair).
     window_tokens, window_start, window_loss, window_units, window_metrics = 0, time.perf_counter(), 0.0, 0, {}
     for step in bar:
-        micro = [_on(make_batch(rows), accelerator.device) for rows in plan.micro_batches(step)]
+        micro = [to_device(make_batch(rows), accelerator.device) for rows in plan.micro_batches(step)]
         # Normalise by the units (tokens, pairs) of the whole step, on every process, so that
         # each unit weighs the same however the batch is split into micro-batches.
         n_local = sum(objective.count(b) for b in micro)
@@ -230,7 +230,7 @@ def train(model, rows: Sequence, make_batch: Callable[[list], dict], cfg: TrainC
             "rows": len(rows), "steps_per_epoch": plan.steps_per_epoch, "resumed_from_step": start}
 
 
-def _on(batch: dict, device: torch.device) -> dict:
+def to_device(batch: dict, device: torch.device) -> dict:
     """The batch's tensors on the training device (a no-op on the CPU)."""
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
