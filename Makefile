@@ -25,7 +25,8 @@ smollm2: $(STAMP)
 	$(BIN)/dalign run recipes/smollm2-135m-cpu.yaml
 
 # dalign against TRL (SFT, DPO) and one-at-a-time generate, side by side; not part of `make test`.
-# Writes bench/results.json. Slow: about an hour on 2 cores; `$(BIN)/python -m bench.run --help` for a part.
+# Writes bench/results.json and its plot bench/results.png. Slow: about 90 min on 2 cores;
+# `$(BIN)/python -m bench.run --help` for a part.
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
 

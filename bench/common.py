@@ -104,14 +104,33 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def flops_per_token(m: LlamaForCausalLM, seq_len: float, backward: bool) -> float:
-    """Model FLOPs per token: 2 per weight in the matmuls (every weight but the embedding
-    lookup), plus attention scores and values (2 x 2 x layers x hidden x mean causal context);
-    a backward pass costs twice the forward."""
-    c = m.config
-    weights = sum(p.numel() for n, p in m.named_parameters() if "embed_tokens" not in n and p.dim() == 2)
-    forward = 2 * weights + 4 * c.num_hidden_layers * c.hidden_size * seq_len / 2
-    return forward * (3 if backward else 1)
+def forward_flops(m: LlamaForCausalLM, tokens: int, predicted: int, context_before: int = 0) -> float:
+    """Model FLOPs of one forward pass over `tokens` tokens that follow `context_before` tokens
+    already encoded, with the output head applied where one of `predicted` labelled tokens is
+    predicted (the loss needs no logits elsewhere): 2 per weight per token in the matmuls (the
+    embedding lookup is no matmul), plus attention scores and values, 2 x 2 x layers x hidden
+    per (query, key) pair under the causal mask. A backward pass costs twice this."""
+    c, head = m.config, m.lm_head.weight.numel()
+    body = sum(p.numel() for n, p in m.named_parameters() if "embed_tokens" not in n and p.dim() == 2) - head
+    pairs = tokens * context_before + tokens * (tokens + 1) / 2
+    return 2 * body * tokens + 2 * head * predicted + 4 * c.num_hidden_layers * c.hidden_size * pairs
+
+
+def sft_flops(m: LlamaForCausalLM, rows: list[Row]) -> float:
+    """An SFT epoch: forward and backward over every prompt + answer, loss on the answer."""
+    return sum(3 * forward_flops(m, len(r.prompt) + len(r.chosen), len(r.chosen)) for r in rows)
+
+
+def dpo_flops(m: LlamaForCausalLM, rows: list[Row]) -> float:
+    """A DPO epoch counted as the least work that gives the loss: each prompt encoded once, each
+    answer attending the prompt, logits on answer tokens; forward and backward for the policy,
+    one forward for the reference. Every trainer is credited with this, so extra work (a prompt
+    encoded twice, logits nobody reads) lowers its utilisation instead of raising it."""
+    def forward(r: Row) -> float:
+        return (forward_flops(m, len(r.prompt) + len(r.chosen), len(r.chosen))
+                + forward_flops(m, len(r.rejected), len(r.rejected), context_before=len(r.prompt)))
+
+    return sum(4 * forward(r) for r in rows)
 
 
 def matmul_peak(seconds: float = 3.0) -> float:
