@@ -16,6 +16,9 @@ from typing import Protocol, Sequence
 
 Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
 Conversation = list[Message]
+# A generated dialogue starts from the system message TOPIC_PREFIX + its seed topic; the user
+# simulators (the offline world's and the prompted one) read the topic back from it.
+TOPIC_PREFIX = "Topic: "
 
 
 @dataclass(frozen=True)

@@ -15,12 +15,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
-from dalign.backends import Backend, Sampling
+from dalign.backends import TOPIC_PREFIX, Backend, Sampling
 from dalign.chat import render
 from dalign.config import DialoguesConfig
 from dalign.data import write_rows
 from dalign.parts import in_parts
-from dalign.world.roles import TOPIC_PREFIX, seed_topics
+from dalign.world.roles import seed_topics
 
 
 def _turns(topic: str, cfg: DialoguesConfig) -> int:

@@ -11,10 +11,9 @@ from __future__ import annotations
 from importlib.resources import files
 from typing import Sequence
 
-from dalign.backends import Backend, Conversation, Sampling, Samplings
+from dalign.backends import TOPIC_PREFIX, Backend, Conversation, Sampling, Samplings
 
 REFERENCE_PREFIX = "Reference answer:\n"  # a system message the evaluation adds for math, reasoning, coding
-TOPIC_PREFIX = "Topic: "  # the system message a dialogue starts from (see dalign.generate)
 
 
 def template(name: str) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from dalign.backends import Conversation, Sampling, Samplings, conversation_rng
+from dalign.backends import TOPIC_PREFIX, Conversation, Sampling, Samplings, conversation_rng
 from dalign.world import CATEGORIES, parse_dialogue
 from dalign.world.task import Constraint
 
@@ -23,7 +23,6 @@ FILLER = [
     "This is a common kind of question.", "It is always good to check such things twice.",
 ]
 NOT_UNDERSTOOD = "I am sorry, I do not understand the question."
-TOPIC_PREFIX = "Topic: "
 
 
 @dataclass(frozen=True)
