@@ -25,8 +25,8 @@ smollm2: $(STAMP)
 	$(BIN)/dalign run recipes/smollm2-135m-cpu.yaml
 
 # dalign against TRL (SFT, DPO) and one-at-a-time generate, side by side; not part of `make test`.
-# Writes bench/results.json and its plot bench/results.png. Slow: about 90 min on 2 cores;
-# `$(BIN)/python -m bench.run --help` for a part.
+# Writes bench/results.json and its plot bench/results.png. Slow: 2 h or more on 2 cores, the
+# 34M model at 2048 about an hour of it; `$(BIN)/python -m bench.run --lengths 512` takes 15 min.
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
 
