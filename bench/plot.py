@@ -34,7 +34,7 @@ def draw(results: list[dict], path: Path) -> None:
                 xs, ys = series(results, part, size, trainer, key)
                 ax.plot(xs, ys, label=trainer, **STYLES.get(trainer, {}))
             ax.set_xscale("log", base=2)
-            ax.set_xticks(sorted({res["max_length"] for res in results}), labels=None)
+            ax.set_xticks(sorted({res["max_length"] for res in results}))
             ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
             ax.set_ylim(bottom=0)
             ax.set_ylabel(label)

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
+from dalign import adapters
 from dalign import run as offline
 from dalign.backends import Sampling
 from dalign.completions import Member, run_completions
@@ -100,8 +101,6 @@ def check(recipe: RecipeConfig) -> None:
         raise ConfigError("real.judge is set but nothing to judge: set real.mt_bench and/or real.alpaca_eval")
     if real.judge is None and (real.mt_bench is not None or real.alpaca_eval is not None):
         raise ConfigError("MT-Bench and AlpacaEval need a judge: set real.judge")
-    from dalign import adapters
-
     for section in ("sft", "dpo"):
         if section not in real.skip:
             adapters.check(getattr(recipe, section).lora, section)
