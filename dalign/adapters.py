@@ -18,9 +18,15 @@ from dalign.config import ConfigError, LoraConfig
 
 
 def check(lora: LoraConfig | None, where: str) -> None:
-    """Refuse at once what cannot run on this machine (`where` names the recipe section)."""
+    """Refuse at once what cannot run on this machine or launch (`where` names the recipe section)."""
     if lora is None:
         return
+    from dalign.parallel import launched_engine
+
+    if launched_engine().shards_weights:
+        raise ConfigError(f"{where}.lora under {launched_engine().value}: adapters train under DDP (one or several "
+                          "GPUs, each holding the frozen model); launch with configs/accelerate/ddp.yaml, or "
+                          f"drop {where}.lora to train every weight under a sharding engine")
     if importlib.util.find_spec("peft") is None:
         raise ConfigError(f"{where}.lora needs the peft package: pip install peft")
     if lora.load_in_4bit:
@@ -53,12 +59,13 @@ def load_trainable(path: str | Path, lora: LoraConfig | None, seed: int = 0):
                                                       target_modules=lora.target_modules, task_type="CAUSAL_LM"))
 
 
-def save_trained(model, start: str | Path, lora: LoraConfig | None, out: Path) -> None:
+def save_trained(model, start: str | Path, lora: LoraConfig | None, out: Path, state_dict: dict | None = None) -> None:
     """Save `out/model` as a plain transformers model (adapters merged in) and the adapters alone
-    in `out/adapter`. A 4-bit model is merged into a full-precision copy of the start: merging
-    into rounded weights would add the rounding error to every weight."""
+    in `out/adapter`; `state_dict`: the full weights gathered from a sharding engine (the model
+    object then holds only this process's shard). A 4-bit model is merged into a full-precision
+    copy of the start: merging into rounded weights would add the rounding error to every weight."""
     if lora is None:
-        model.save_pretrained(out / "model")
+        save_full(model, out / "model", state_dict)
         return
     model.save_pretrained(out / "adapter")
     if lora.load_in_4bit:
@@ -67,3 +74,12 @@ def save_trained(model, start: str | Path, lora: LoraConfig | None, out: Path) -
         full = AutoModelForCausalLM.from_pretrained(start, dtype=torch.bfloat16)
         model = peft.PeftModel.from_pretrained(full, out / "adapter")
     model.merge_and_unload().save_pretrained(out / "model")
+
+
+def save_full(model, folder: Path, state_dict: dict | None = None) -> None:
+    """A transformers model folder from the weights an engine gathered. Gathered tensors no longer
+    share storage, so the copies of tied weights (the output head of a model with tied
+    embeddings) are dropped, as save_pretrained drops them from a model's own state dict."""
+    if state_dict is not None:
+        state_dict = {k: v for k, v in state_dict.items() if k not in getattr(model, "all_tied_weights_keys", {})}
+    model.save_pretrained(folder, state_dict=state_dict)

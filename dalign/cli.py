@@ -11,6 +11,7 @@ from dalign.config import ConfigError, load_recipe
 from dalign.data import RowError
 from dalign.manifest import StageDirError
 from dalign.models import ModelError
+from dalign.parallel import Engine, LaunchError, is_main, launched_engine, launched_processes
 from dalign.run import MissingInputError, run_recipe, score_table
 
 DEFAULT_RECIPE = None  # the built-in offline world; recipes/offline.yaml spells the same values out
@@ -86,6 +87,10 @@ def parser() -> argparse.ArgumentParser:
     _recipe_args(run)
     run.add_argument("--dry-run", action="store_true", help="for a recipe on a real model: print the plan (parameters, "
                      "global batch sizes, steps, memory per GPU) without loading weights")
+    run.add_argument("--processes", type=int, help="with --dry-run: training processes over all nodes (one per GPU; "
+                     "default: the launch's, else 1)")
+    run.add_argument("--engine", choices=[e.value for e in Engine], help="with --dry-run: ddp, fsdp2, zero2 or zero3 "
+                     "(default: the launch's accelerate config, else ddp)")
     _recipe_args(sub.add_parser("pretrain", help="train the offline world's base model from scratch"))
     gen = sub.add_parser("generate", help="generate data with a teacher").add_subparsers(dest="what", required=True)
     _recipe_args(gen.add_parser("dialogues", help="UltraChat-style dialogues from seed topics (dSFT data)"))
@@ -133,18 +138,17 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "dry_run", False):
             from dalign.dryrun import dry_run
 
-            print(dry_run(recipe))
+            print(dry_run(recipe, args.processes or launched_processes(), Engine(args.engine or launched_engine())))
             return 0
         if recipe.real is not None:
             from dalign.real import run as run_real
 
-            if stage is not None:
-                raise ConfigError(f"{recipe_path}: a recipe on a real model runs whole, with `dalign run`")
-            manifests = run_real(recipe)
-            print(json.dumps(manifests["evaluate"].get("held_out"), indent=1))
+            manifests = run_real(recipe, only=stage)
+            if "evaluate" in manifests and is_main():
+                print(json.dumps(manifests["evaluate"].get("held_out"), indent=1))
             return 0
         manifests = run_recipe(recipe, only=stage)
-    except (ConfigError, RowError, StageDirError, MissingInputError, ModelError) as err:
+    except (ConfigError, RowError, StageDirError, MissingInputError, ModelError, LaunchError) as err:
         print(f"dalign: error: {err}", file=sys.stderr)
         return 2
     if "evaluate" in manifests:

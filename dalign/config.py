@@ -7,13 +7,14 @@ type or an impossible value fails before any work starts, naming the key and the
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dalign.binarize import Rejection
 from dalign.losses import PreferenceLoss
+from dalign.parallel import BatchSizes
 from dalign.readers import SourceConfig
 
 
@@ -111,8 +112,12 @@ class TrainConfig(Strict):
     """Share of steps spent warming up linearly before the cosine decay."""
     per_device_batch_size: int = Field(16, ge=1)
     """Sequences per micro-batch on each process."""
-    gradient_accumulation: int = Field(1, ge=1)
-    """Micro-batches per optimizer step; global batch = per-device x accumulation x processes."""
+    global_batch_size: int | None = Field(None, ge=1)
+    """Rows per optimizer step over all processes, the same however many are launched: the
+    accumulation is derived as global / (per-device x processes), and a launch where that is not
+    a whole number is refused; None: per-device x gradient_accumulation x processes."""
+    gradient_accumulation: int | None = Field(None, ge=1)
+    """Micro-batches per optimizer step when global_batch_size is not set (None: 1); set one of the two."""
     max_grad_norm: float = Field(1.0, gt=0)
     """Gradients are clipped to this norm."""
     max_length: int = Field(256, ge=16)
@@ -121,12 +126,42 @@ class TrainConfig(Strict):
     """Passes over the training rows (fractions allowed)."""
     max_steps: int | None = Field(None, ge=1)
     """If set, stop after this many optimizer steps instead."""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    """Precision of the matrix products: 'no' (fp32), 'bf16' or 'fp16' (GPUs only). Weights and
+    optimizer states stay fp32 (autocast) under DDP and FSDP2; under DeepSpeed it is the engine's
+    bf16/fp16 mode (16-bit weights, fp32 master copy in the optimizer). GPU recipes use bf16."""
+    activation_checkpointing: bool = False
+    """Keep only each block's input in the forward and recompute the rest in the backward: the
+    gradients are the same, the activation memory far smaller, the step about a third slower."""
     checkpoint_every: int = Field(100, ge=1)
     """Save a resumable checkpoint every this many steps (and at the end)."""
+    keep_checkpoints: int = Field(1, ge=1)
+    """Most recent checkpoints kept; older ones are deleted once a newer one is complete."""
     log_every: int = Field(10, ge=1)
     """Write a metrics line every this many steps."""
     seed: int = 0
     """Seed of the initial weights and of the data order."""
+
+    @model_validator(mode="after")
+    def _one_batch_rule(self):
+        if self.global_batch_size is not None and self.gradient_accumulation is not None:
+            raise ValueError("set global_batch_size or gradient_accumulation, not both (the accumulation is derived "
+                             "from the global batch)")
+        return self
+
+    def batch_sizes(self, processes: int, where: str = "train") -> BatchSizes:
+        """The split of a step over `processes`; refuses a global batch they cannot share evenly
+        (`where` names the recipe section in the message)."""
+        if self.global_batch_size is None:
+            return BatchSizes(self.per_device_batch_size, self.gradient_accumulation or 1, processes)
+        per_step = self.per_device_batch_size * processes
+        if self.global_batch_size % per_step:
+            raise ConfigError(f"{where}.global_batch_size {self.global_batch_size} is not a whole number of per-device "
+                              f"batches: per_device_batch_size {self.per_device_batch_size} x {processes} processes "
+                              f"= {per_step} rows per micro-step, and {self.global_batch_size} / {per_step} = "
+                              f"{self.global_batch_size / per_step:g}; change per_device_batch_size or the "
+                              "number of processes")
+        return BatchSizes(self.per_device_batch_size, self.global_batch_size // per_step, processes)
 
 
 class BaseConfig(TrainConfig):
@@ -329,12 +364,6 @@ class RealConfig(Strict):
     architecture: dict[str, Any] | None = None
     """config.json fields (with model_type) to build the model from when its config is neither
     cached nor reachable: lets `--dry-run` plan a 7B run on a laptop with no network."""
-    dtype: str = Field("bfloat16", pattern="^(bfloat16|float16|float32)$")
-    """Precision of the weights in training (mixed precision keeps fp32 master weights)."""
-    processes: int = Field(1, ge=1)
-    """Training processes over all nodes (accelerate's num_processes, one per GPU)."""
-    sharding: str = Field("none", pattern="^(none|zero2|zero3|fsdp)$")
-    """How weights, gradients and optimizer states are split over processes (DeepSpeed ZeRO or FSDP)."""
     chat_template: str | None = None
     """Jinja chat template (or 'zephyr', the paper's) for a model whose tokenizer has none, such as a
     base model; None keeps the tokenizer's."""

@@ -24,6 +24,7 @@ from dalign.config import DPOConfig
 from dalign.data import read_rows, validate_preference, write_json
 from dalign.losses import PreferenceLoss, preference_loss
 from dalign.packed import collate_packed_pairs, packed_attention, packed_token_logps
+from dalign.parallel import autocast, gather_shares, process_state
 from dalign.train import Example, collate, to_device, train
 
 
@@ -144,21 +145,30 @@ def reference_logps(reference_path: Path, pairs: list[Pair], pairs_path: Path, c
                     pad_id: int, adapted=None) -> str:
     """Fill each pair's reference log-probs, from the cache when it was made from the same inputs.
 
-    `adapted`: a policy with LoRA adapters over the reference weights; it is used with its
-    adapters switched off instead of loading a second copy of the model."""
+    Under a multi-process launch each process scores every world-th pair (rank, rank + world, ...)
+    and the shares are gathered once; rank 0 writes the cache. `adapted`: a policy with LoRA
+    adapters over the reference weights; it is used with its adapters switched off instead of
+    loading a second copy of the model."""
     weights = sorted(reference_path.glob("*.safetensors"))  # one file, or the shards of a large model
     key = hashlib.sha256(json.dumps({"weights": [_file_hash(w) for w in weights],
                                      "pairs": _file_hash(pairs_path), "max_length": cfg.max_length,
-                                     "mean": cfg.loss.length_normalized}).encode()).hexdigest()
+                                     "mean": cfg.loss.length_normalized,
+                                     "mixed_precision": cfg.mixed_precision}).encode()).hexdigest()
     if cache.exists() and (stored := json.loads(cache.read_text()))["key"] == key:
         values = stored["logps"]
     else:
-        model = adapted or AutoModelForCausalLM.from_pretrained(reference_path)
+        state = process_state()
+        model = (adapted or AutoModelForCausalLM.from_pretrained(reference_path)).to(state.device)
+        mine = pairs[state.process_index::state.num_processes]
+        # The matrix products at the training precision, so that at step 0 policy and reference agree.
         with adapted.disable_adapter() if adapted is not None else contextlib.nullcontext(), \
-                packed_attention(model, cfg.packed):
-            values = pair_logps(model.eval(), pairs, cfg.per_device_batch_size, pad_id, cfg.loss.length_normalized,
+                packed_attention(model, cfg.packed), autocast(state.device, cfg.mixed_precision):
+            scored = pair_logps(model.eval(), mine, cfg.per_device_batch_size, pad_id, cfg.loss.length_normalized,
                                 cfg.packed)
-        write_json(cache, {"key": key, "logps": values})
+        values = gather_shares(scored, len(pairs))
+        if state.is_main_process:
+            write_json(cache, {"key": key, "logps": values})
+        state.wait_for_everyone()
     for pair, (c, r) in zip(pairs, values):
         pair.ref_chosen, pair.ref_rejected = c, r
     return key
@@ -181,10 +191,12 @@ def run_dpo(cfg: DPOConfig, policy_path: Path, reference_path: Path, pairs_path:
                               tokenizer.pad_token_id, adapted=model if cfg.lora is not None else None)
     model.train()
     collate_fn = collate_packed_pairs if cfg.packed else lambda chunk: collate_pairs(chunk, tokenizer.pad_token_id)
+    def export(trained, state_dict):  # rank 0, once training is over
+        adapters.save_trained(trained, policy_path, cfg.lora, out, state_dict)
+        tokenizer.save_pretrained(out / "model")
+
+    objective = PreferenceObjective(cfg.beta, cfg.loss, cfg.chosen_nll)
     with packed_attention(model, cfg.packed):
-        summary = train(model, pairs, collate_fn, cfg, out, objective=PreferenceObjective(cfg.beta, cfg.loss,
-                                                                                          cfg.chosen_nll), desc="dpo")
-    adapters.save_trained(model, policy_path, cfg.lora, out)
-    tokenizer.save_pretrained(out / "model")
+        summary = train(model, pairs, collate_fn, cfg, out, objective=objective, desc="dpo", export=export)
     return {**summary, "rows": {"kept": len(pairs), "dropped": dict(dropped)}, "reference": str(reference_path),
             "reference_logps_key": ref_key}

@@ -2,20 +2,21 @@
 config and show what it will cost, without loading a weight.
 
 The model is built on the meta device from its config (the hub cache or the model folder,
-else the recipe's `real.architecture`, so it works offline). For each training stage it
-prints the global batch (per-device batch x gradient accumulation x processes: the number
-that silently changes with the GPU count if nobody states it), the optimizer steps, and a
-memory estimate per GPU under the recipe's sharding.
+else the recipe's `real.architecture`, so it works offline). The number of processes and the
+engine are the launch's (or --processes and --engine): the same numbers training will find.
+For each training stage it prints the global batch and how it is split (the number that
+silently changes with the GPU count if nobody states it; a recipe's `global_batch_size` keeps
+it), the optimizer steps, and a memory estimate per GPU.
 """
 
 from __future__ import annotations
 
 import math
 
-from dalign.config import ConfigError, RecipeConfig
+from dalign.config import ConfigError, RecipeConfig, TrainConfig
+from dalign.parallel import Engine
 
 GIB = 1024 ** 3
-BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
 def model_on_meta(recipe: RecipeConfig):
@@ -39,44 +40,61 @@ def model_on_meta(recipe: RecipeConfig):
         return AutoModelForCausalLM.from_config(config)
 
 
-def memory_per_gpu(params: int, trainable: int, recipe: RecipeConfig, with_reference: bool) -> dict[str, float]:
-    """GiB per GPU for weights, gradients and AdamW states (mixed precision: fp32 master weights,
-    first and second moments), sharded over the processes under ZeRO-3 / full-shard FSDP.
-    Activations depend on the kernels and checkpointing and are not included."""
-    real = recipe.real
-    shard = real.processes if real.sharding in ("zero3", "fsdp") else 1
-    width = BYTES[real.dtype]
-    weights = params * width * (2 if with_reference else 1)  # the frozen reference is a second copy
-    grads = trainable * width / (shard if real.sharding in ("zero2", "zero3", "fsdp") else 1)
-    optim = trainable * 12 / (shard if real.sharding != "none" else 1)
-    est = {"weights": weights / shard / GIB, "gradients": grads / GIB, "optimizer": optim / GIB}
-    est["total"] = sum(est.values())
-    return est
+def model_state_bytes(params: int, trainable: int, cfg: TrainConfig, engine: Engine, processes: int) -> dict[str, float]:
+    """Bytes per GPU of weights, gradients and AdamW states. fp32 and autocast (DDP, FSDP2): 4-byte
+    weights and gradients, 8 bytes of moments. DeepSpeed's 16-bit modes: 2-byte weights and
+    gradients, 12 bytes of fp32 master copy and moments. ZeRO-2 splits gradients and optimizer
+    states over the processes; ZeRO-3 and FSDP2 split the weights too."""
+    sixteen_bit = engine.deepspeed and cfg.mixed_precision != "no"
+    weight, grad, optim = (2, 2, 12) if sixteen_bit else (4, 4, 8)
+    split = processes if engine is not Engine.DDP else 1
+    return {"weights": params * weight / (processes if engine.shards_weights else 1),
+            "gradients": trainable * grad / split, "optimizer": trainable * optim / split}
 
 
-def dry_run(recipe: RecipeConfig) -> str:
+def activation_bytes(config, tokens: int, cfg: TrainConfig) -> float:
+    """Rough bytes of what autograd keeps for one micro-batch of `tokens` tokens. Per token and
+    block of a Llama-style model with a fused attention kernel (no tokens x tokens scores): the
+    norm inputs, q, k, v, the attention output and the MLP's gate, up and product, about
+    8h + 4 h_kv + 4i values. With activation checkpointing only each block's input (h values)
+    is kept, plus one block being recomputed. The fp32 logits and their gradient come on top."""
+    h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    h_kv = h * getattr(config, "num_key_value_heads", config.num_attention_heads) // config.num_attention_heads
+    width = 4 if cfg.mixed_precision == "no" else 2
+    per_block = (8 * h + 4 * h_kv + 4 * i) * tokens * width
+    kept = layers * h * tokens * width + per_block if cfg.activation_checkpointing else layers * per_block
+    return kept + 2 * tokens * config.vocab_size * 4
+
+
+def dry_run(recipe: RecipeConfig, processes: int, engine: Engine) -> str:
     real = recipe.real
     if real is None:
         raise ConfigError("--dry-run needs a recipe with a `real:` section (a Hugging Face base model)")
     model = model_on_meta(recipe)
     params = sum(p.numel() for p in model.parameters())
     lines = [f"recipe {recipe.name}: base model {real.model} ({type(model).__name__}), "
-             f"{params / 1e9:.2f}B parameters, {real.dtype}, {real.processes} processes, sharding {real.sharding}"]
-    for name, cfg, rows, ref in (("sft", recipe.sft, real.sft_rows, False), ("dpo", recipe.dpo, real.dpo_rows, True)):
+             f"{params / 1e9:.2f}B parameters; {processes} processes, engine {engine.value}"]
+    # Tokens of one micro-batch: packed SFT rows of max_length; a DPO pair at most twice max_length.
+    for name, cfg, rows, seqs in (("sft", recipe.sft, real.sft_rows, 1), ("dpo", recipe.dpo, real.dpo_rows, 2)):
         if name in real.skip:
             lines.append(f"  {name}: skipped (real.skip)")
             continue
-        batch = cfg.per_device_batch_size * cfg.gradient_accumulation * real.processes
-        steps = math.ceil(rows * cfg.epochs / batch) if cfg.max_steps is None else cfg.max_steps
+        sizes = cfg.batch_sizes(processes, name)
+        steps = math.ceil(rows * cfg.epochs / sizes.global_batch) if cfg.max_steps is None else cfg.max_steps
         trainable = params if cfg.lora is None else _lora_params(model, cfg.lora.rank)
-        # With adapters the reference is the same weights with the adapters off: no second copy.
-        mem = memory_per_gpu(params, trainable, recipe, with_reference=ref and cfg.lora is None)
+        states = model_state_bytes(params, trainable, cfg, engine, processes)
+        acts = activation_bytes(model.config, cfg.per_device_batch_size * seqs * cfg.max_length, cfg)
+        total = (sum(states.values()) + acts) / GIB
         lines.append(
-            f"  {name}: global batch {batch} = {cfg.per_device_batch_size} per device x {cfg.gradient_accumulation} "
-            f"accumulation x {real.processes} processes; {rows} rows x {cfg.epochs:g} epochs = {steps} steps; "
-            f"lr {cfg.learning_rate:g}, max length {cfg.max_length}; memory per GPU ~{mem['total']:.1f} GiB "
-            f"(weights {mem['weights']:.1f}, gradients {mem['gradients']:.1f}, optimizer {mem['optimizer']:.1f}; "
-            f"activations not included)")
+            f"  {name}: global batch {sizes.global_batch} = {sizes.per_device} per device x {sizes.accumulation} "
+            f"accumulation x {processes} processes; {rows} rows x {cfg.epochs:g} epochs = {steps} steps; "
+            f"lr {cfg.learning_rate:g}, max length {cfg.max_length}, mixed precision {cfg.mixed_precision}, "
+            f"activation checkpointing {'on' if cfg.activation_checkpointing else 'off'}; memory per GPU "
+            f"~{total:.1f} GiB (weights {states['weights'] / GIB:.1f}, gradients {states['gradients'] / GIB:.1f}, "
+            f"optimizer {states['optimizer'] / GIB:.1f}, activations {acts / GIB:.1f})")
+        if name == "dpo" and cfg.lora is None:
+            # Reference log-probs are computed before training, with a whole fp32 copy on each GPU.
+            lines.append(f"  dpo reference log-probs (before training): ~{params * 4 / GIB:.1f} GiB per GPU")
     return "\n".join(lines)
 
 

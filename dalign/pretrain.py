@@ -15,7 +15,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from dalign.chat import ZEPHYR_TEMPLATE
+from dalign.adapters import save_full
 from dalign.config import BaseConfig
+from dalign.parallel import barrier, is_main
 from dalign.train import Example, collate, train
 from dalign.world.corpus import documents
 from dalign.world.tokenizer import train_tokenizer
@@ -54,17 +56,22 @@ def blocks(tokens: np.ndarray, length: int) -> list[Example]:
 
 def run_pretrain(cfg: BaseConfig, out: Path) -> dict:
     tok_dir = out / "tokenizer"
-    if (tok_dir / "tokenizer.json").exists():
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(tok_dir)
-    else:
-        sample = itertools.islice(documents(cfg.seed + 1), 20000)
-        tokenizer = train_tokenizer(sample, cfg.model.vocab_size, cfg.chat_template or ZEPHYR_TEMPLATE)
-        tokenizer.save_pretrained(tok_dir)
+    if is_main():  # the tokenizer and the token stream are made once, then read by every process
+        if not (tok_dir / "tokenizer.json").exists():
+            sample = itertools.islice(documents(cfg.seed + 1), 20000)
+            train_tokenizer(sample, cfg.model.vocab_size, cfg.chat_template or ZEPHYR_TEMPLATE).save_pretrained(tok_dir)
+        corpus_tokens(cfg, PreTrainedTokenizerFast.from_pretrained(tok_dir), out / "corpus_tokens.npy")
+    barrier()
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tok_dir)
     tokens = corpus_tokens(cfg, tokenizer, out / "corpus_tokens.npy")
     rows = blocks(tokens, cfg.max_length)
     model = build_model(cfg.model, tokenizer, cfg.seed)
-    summary = train(model, rows, lambda r: collate([[e] for e in r], tokenizer.pad_token_id), cfg, out, desc="base")
-    model.save_pretrained(out / "model")
-    tokenizer.save_pretrained(out / "model")
-    return {**summary, "corpus_tokens": int(len(tokens)), "vocab_size": len(tokenizer),
-            "parameters": sum(p.numel() for p in model.parameters())}
+    parameters = sum(p.numel() for p in model.parameters())  # counted before an engine shards them
+
+    def export(trained, state_dict):  # rank 0, once training is over
+        save_full(trained, out / "model", state_dict)
+        tokenizer.save_pretrained(out / "model")
+
+    summary = train(model, rows, lambda r: collate([[e] for e in r], tokenizer.pad_token_id), cfg, out, desc="base",
+                    export=export)
+    return {**summary, "corpus_tokens": int(len(tokens)), "vocab_size": len(tokenizer), "parameters": parameters}

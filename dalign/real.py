@@ -106,10 +106,15 @@ def check(recipe: RecipeConfig) -> None:
             adapters.check(getattr(recipe, section).lora, section)
 
 
-def run(recipe: RecipeConfig) -> dict:
+def run(recipe: RecipeConfig, only: str | None = None) -> dict:
+    """Every stage of the recipe, or the one named `only` (its inputs must have completed)."""
     check(recipe)
     stages = plan(recipe)
-    return {name: offline.run_stage(recipe, name, stages, RUNNERS) for name in stages}
+    if only is not None and only not in stages:
+        raise ConfigError(f"this recipe has no stage {only}: its stages are {', '.join(stages)}")
+    names = list(stages) if only is None else [only]
+    offline.check_launch(recipe, names)
+    return {name: offline.run_stage(recipe, name, stages, RUNNERS) for name in names}
 
 
 def _server(config, out: Path, name: str):

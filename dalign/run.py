@@ -22,6 +22,7 @@ from dalign.evaluate import evaluate_mt_bench, make_questions
 from dalign.generate import run_dialogues
 from dalign.generation import LocalModel
 from dalign.manifest import Stage
+from dalign.parallel import LaunchError, barrier, is_main, launched_processes
 from dalign.pretrain import run_pretrain
 from dalign.rate import run_rating
 from dalign.sft import run_sft
@@ -62,13 +63,34 @@ def _flaws(teacher) -> Flaws:
     return Flaws(**teacher.model_dump(exclude={"seed"}))
 
 
+# The stages that train, and the recipe section holding each one's TrainConfig. Only these run
+# under a multi-process launch; the others run in one process.
+TRAINING = {"base": "base", "sft": "sft", "dpo": "dpo"}
+
+
+def check_launch(recipe: RecipeConfig, names: list[str]) -> None:
+    """Refuse, before any work, stages this launch cannot run: a global batch its processes cannot
+    split, or a stage that does not yet split its rows across processes."""
+    processes = launched_processes()
+    for name in names:
+        if (section := TRAINING.get(name.split("-")[0])) is not None:
+            getattr(recipe, section).batch_sizes(processes, section)
+        elif processes > 1:
+            raise LaunchError(f"stage {name} runs in one process (only {', '.join(TRAINING)} train under a launch of "
+                              f"{processes}): run it without torchrun/accelerate launch, then launch the training "
+                              "stages one at a time (dalign sft RECIPE, dalign dpo RECIPE)")
+
+
 def run_stage(recipe: RecipeConfig, name: str, stages: dict | None = None, runners: dict | None = None) -> dict:
     """Run one stage unless its manifest says complete. `stages` (a plan) and `runners` are the
-    offline recipe's unless given: a recipe on a real model passes its own (dalign.real)."""
+    offline recipe's unless given: a recipe on a real model passes its own (dalign.real). Under a
+    multi-process launch every process runs the stage and rank 0 alone writes its manifest."""
     stages, runners = stages or plan(recipe), runners or RUNNERS
     stage = Stage(recipe.run_dir, name, stages[name][1])
+    main = is_main()
     if stage.done():
-        print(f"[{name}] complete in {stage.dir}, skipped")
+        if main:
+            print(f"[{name}] complete in {stage.dir}, skipped")
         return stage.read()
     inputs = {}
     for needed in stages[name][0]:
@@ -76,10 +98,15 @@ def run_stage(recipe: RecipeConfig, name: str, stages: dict | None = None, runne
         if not upstream.done():
             raise MissingInputError(f"stage {needed} has not completed in {recipe.run_dir}; run it first (dalign run)")
         inputs[needed] = upstream.dir
-    stage.start()
-    print(f"[{name}] running in {stage.dir}")
+    if main:
+        stage.start()
+        print(f"[{name}] running in {stage.dir}")
+    barrier()
     facts = runners[name.split("-")[0]](recipe, stage.dir, inputs, *name.split("-", 1)[1:])
-    return stage.finish(recipe=recipe.name, inputs={k: str(v) for k, v in inputs.items()}, **facts)
+    if main:
+        stage.finish(recipe=recipe.name, inputs={k: str(v) for k, v in inputs.items()}, **facts)
+    barrier()
+    return stage.read()
 
 
 def _base(recipe, out, inputs):
@@ -210,6 +237,7 @@ def run_recipe(recipe: RecipeConfig, only: str | None = None) -> dict:
         names = [n for n in stages if n.startswith("dpo-")]
     else:
         names = list(stages) if only is None else [only]
+    check_launch(recipe, names)
     return {name: run_stage(recipe, name, stages) for name in names}
 
 

@@ -1,9 +1,11 @@
-"""The training loop shared by pretraining, SFT and (later) DPO.
+"""The training loop shared by pretraining, SFT and DPO, under every engine.
 
-One explicit loop: plan the step's micro-batches, count label tokens across all of them,
-forward, loss, backward, clip, step, log, checkpoint. The data order is a pure function of
-(seed, step), and checkpoints hold weights, optimizer, schedule and step, so a run stopped
-and resumed ends with exactly the weights of one run straight through.
+One explicit loop: plan the step's micro-batches, count label tokens (or pairs) across all of
+them and all processes, forward, loss, backward, clip, step, log, checkpoint. The data order
+is a pure function of (seed, step), the global batch is the recipe's whatever the number of
+processes, and checkpoints hold weights, optimizer, schedule and step (dalign.checkpoints), so
+a run stopped and resumed ends with exactly the weights of one run straight through. Which
+engine wraps the model (DDP, FSDP2, DeepSpeed ZeRO) is the launch's choice (dalign.parallel).
 """
 
 from __future__ import annotations
@@ -12,18 +14,17 @@ import contextlib
 import json
 import math
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
 import torch
-from accelerate import Accelerator
-from safetensors.torch import load_model, save_model
 from tqdm import tqdm
 
+from dalign import parallel
 from dalign.chat import IGNORE
+from dalign.checkpoints import latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
 from dalign.config import TrainConfig
 
 
@@ -125,11 +126,13 @@ class TokenObjective:
 
 
 class Plan:
-    """Which rows each optimizer step sees: an epoch-seeded shuffle cut into global batches."""
+    """Which rows each optimizer step sees: an epoch-seeded shuffle cut into global batches. The
+    global batch, and so every step's rows, is the same however many processes share it."""
 
     def __init__(self, rows: Sequence, cfg: TrainConfig, processes: int, rank: int):
         self.rows, self.cfg, self.processes, self.rank = rows, cfg, processes, rank
-        self.global_batch = cfg.per_device_batch_size * cfg.gradient_accumulation * processes
+        self.sizes = cfg.batch_sizes(processes)
+        self.global_batch = self.sizes.global_batch
         self.steps_per_epoch = max(1, len(rows) // self.global_batch)
         self.total_steps = cfg.max_steps or max(1, int(cfg.epochs * self.steps_per_epoch))
 
@@ -142,92 +145,113 @@ class Plan:
         return [self.rows[i] for i in mine]
 
     def micro_batches(self, step: int) -> list[list]:
-        rows, n = self.rows_for(step), self.cfg.gradient_accumulation
+        rows, n = self.rows_for(step), self.sizes.accumulation
         return [rows[i::n] for i in range(n) if rows[i::n]]
 
 
-def save_checkpoint(path: Path, model, optimizer, scheduler, step: int) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"))  # handles tied embeddings
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state()}, tmp / "trainer.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step}))
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)  # a checkpoint exists whole or not at all
-
-
-def latest_checkpoint(folder: Path) -> Path | None:
-    found = [p for p in folder.glob("step-*") if (p / "state.json").exists() and not p.name.endswith(".tmp")]
-    return max(found, key=lambda p: int(p.name.split("-")[1]), default=None)
-
-
 def train(model, rows: Sequence, make_batch: Callable[[list], dict], cfg: TrainConfig, out: Path,
-          objective: Objective = TokenObjective(), desc: str = "train") -> dict:
-    """Train `model` on `rows` (collated by `make_batch`); returns a summary for the manifest."""
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    plan = Plan(rows, cfg, accelerator.num_processes, accelerator.process_index)
+          objective: Objective = TokenObjective(), desc: str = "train",
+          export: Callable[[torch.nn.Module, dict], None] | None = None) -> dict:
+    """Train `model` on `rows` (collated by `make_batch`) under the engine of the launch; every
+    process calls it. `export(model, state_dict)` runs on rank 0 alone at the end, with the full
+    trained weights gathered from every process. Returns a summary for the manifest."""
+    sizes = cfg.batch_sizes(parallel.launched_processes(), desc)
+    if len(rows) < sizes.global_batch and sizes.processes > 1:
+        raise ValueError(f"{len(rows)} training rows are fewer than one global batch of {sizes.global_batch}: "
+                         "some process would have nothing to train on")
+    accelerator, engine = parallel.build_accelerator(cfg.mixed_precision, sizes.accumulation, cfg.max_grad_norm,
+                                                     sizes.per_device)
+    plan = Plan(rows, cfg, sizes.processes, accelerator.process_index)
     warmup = int(cfg.warmup_ratio * plan.total_steps)
+    if cfg.activation_checkpointing:
+        model.activation_checkpointing_enable()  # non-reentrant: same gradients, activations recomputed
     # Only what trains gets optimizer state: with LoRA adapters that is a small share of the model.
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
+                                  weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_schedule(s, plan.total_steps, warmup))
+    # The schedule is not prepared: accelerate's wrapper would step it once per process each step.
     model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    # Collected after prepare: FSDP2 replaces each parameter by its shard.
+    trainable = [p for p in model.parameters() if p.requires_grad]
     ckpt_dir, log_path = out / "checkpoints", out / "metrics.jsonl"
-    out.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        remove_partial(ckpt_dir)
+    accelerator.wait_for_everyone()
     start = 0
     if (ckpt := latest_checkpoint(ckpt_dir)) is not None:
-        load_model(accelerator.unwrap_model(model), str(ckpt / "model.safetensors"))
-        state = torch.load(ckpt / "trainer.pt", weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        start = json.loads((ckpt / "state.json").read_text())["step"]
-    _truncate_log(log_path, start)  # lines logged after the last checkpoint are written again
+        start = load_checkpoint(accelerator, ckpt)
+    if accelerator.is_main_process:
+        _truncate_log(log_path, start)  # lines logged after the last checkpoint are written again
     model.train()
     bar = tqdm(range(start, plan.total_steps), desc=desc, initial=start, total=plan.total_steps,
                disable=not accelerator.is_main_process)
-    # Logged values are means over the steps since the last log line (per unit: token or pair).
-    window_tokens, window_start, window_loss, window_units, window_metrics = 0, time.perf_counter(), 0.0, 0, {}
+    window = Window()
     for step in bar:
         micro = [to_device(make_batch(rows), accelerator.device) for rows in plan.micro_batches(step)]
-        # Normalise by the units (tokens, pairs) of the whole step, on every process, so that
-        # each unit weighs the same however the batch is split into micro-batches.
+        # Normalise by the units (tokens, pairs) of the whole step over every process, so that
+        # each unit weighs the same however the step is split into micro-batches and processes.
         n_local = sum(objective.count(b) for b in micro)
         n_total = int(accelerator.reduce(torch.tensor(n_local, device=accelerator.device), reduction="sum"))
         for i, batch in enumerate(micro):
-            sync = accelerator.no_sync(model) if i < len(micro) - 1 else contextlib.nullcontext()
-            with sync:
+            last = i == len(micro) - 1
+            # Gradients are reduced (and DeepSpeed's engine steps) after the step's last micro-batch only.
+            accelerator.sync_gradients = last
+            with contextlib.nullcontext() if last else accelerator.no_sync(model):
                 loss_sum, metrics = objective.loss(model, batch)
-                # DDP averages gradients over processes; multiply back so the sum is per unit.
-                accelerator.backward(loss_sum * accelerator.num_processes / max(1, n_total))
-            window_loss += loss_sum.item()
-            for k, v in metrics.items():
-                window_metrics[k] = window_metrics.get(k, 0.0) + v
-        grad_norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
+                # The engines average gradients over processes and divide the loss by the
+                # accumulation: multiply both back so the step's gradient is a mean per unit.
+                accelerator.backward(loss_sum * sizes.processes * sizes.accumulation / max(1, n_total))
+            window.add(loss_sum.item(), metrics)
+        grad_norm = parallel.clip_gradients(accelerator, engine, trainable, cfg.max_grad_norm)
         optimizer.step()
-        scheduler.step()
+        if not optimizer.step_was_skipped:  # fp16 overflow: the step did not happen, nor does the schedule's
+            scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        window_tokens += sum(int(b["input_ids"].numel()) for b in micro)
-        window_units += n_local
+        window.tokens += sum(int(b["input_ids"].numel()) for b in micro)
+        window.units += n_local
         done = step + 1
-        if accelerator.is_main_process and (done % cfg.log_every == 0 or done == plan.total_steps):
-            elapsed = time.perf_counter() - window_start
-            line = {"step": done, "loss": window_loss / max(1, window_units), "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": float(grad_norm), "tokens_per_second": window_tokens / elapsed,
-                    "epoch": done / plan.steps_per_epoch,
-                    **{k: v / max(1, window_units) for k, v in window_metrics.items()}}
-            with log_path.open("a") as f:
-                f.write(json.dumps(line) + "\n")
-            bar.set_postfix(loss=f"{line['loss']:.3f}")
-            window_tokens, window_start, window_loss, window_units, window_metrics = 0, time.perf_counter(), 0.0, 0, {}
-        if done % cfg.checkpoint_every == 0 or done == plan.total_steps:
+        if done % cfg.log_every == 0 or done == plan.total_steps:
+            line = {"step": done, **window.reduced(accelerator), "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": grad_norm, "epoch": done / plan.steps_per_epoch}
             if accelerator.is_main_process:
-                save_checkpoint(ckpt_dir / f"step-{done}", accelerator.unwrap_model(model), optimizer, scheduler, done)
-            accelerator.wait_for_everyone()
-    return {"steps": plan.total_steps, "global_batch_size": plan.global_batch, "processes": accelerator.num_processes,
+                with log_path.open("a") as f:
+                    f.write(json.dumps(line) + "\n")
+                bar.set_postfix(loss=f"{line['loss']:.3f}")
+            window = Window()
+        if done % cfg.checkpoint_every == 0 or done == plan.total_steps:
+            save_checkpoint(accelerator, ckpt_dir, done, cfg.keep_checkpoints)
+    state_dict = accelerator.get_state_dict(model)  # collective: the full weights, on rank 0
+    if accelerator.is_main_process and export is not None:
+        export(accelerator.unwrap_model(model), state_dict)
+    accelerator.wait_for_everyone()
+    parallel.end_training(accelerator)
+    return {"steps": plan.total_steps, **sizes.as_dict(), "engine": engine.value,
+            "mixed_precision": cfg.mixed_precision, "activation_checkpointing": cfg.activation_checkpointing,
             "rows": len(rows), "steps_per_epoch": plan.steps_per_epoch, "resumed_from_step": start}
+
+
+class Window:
+    """What the steps since the last log line add up to on this process; `reduced` gives the
+    means over every process (per unit: token or pair) and the global tokens per second."""
+
+    def __init__(self):
+        self.loss, self.units, self.tokens, self.metrics, self.started = 0.0, 0, 0, {}, time.perf_counter()
+
+    def add(self, loss: float, metrics: dict[str, float]) -> None:
+        self.loss += loss
+        for k, v in metrics.items():
+            self.metrics[k] = self.metrics.get(k, 0.0) + v
+
+    def reduced(self, accelerator) -> dict[str, float]:
+        keys = sorted(self.metrics)
+        local = torch.tensor([self.loss, self.units, self.tokens, *(self.metrics[k] for k in keys)],
+                             dtype=torch.float64, device=accelerator.device)
+        total = accelerator.reduce(local, reduction="sum").tolist()
+        units = max(1.0, total[1])
+        return {"loss": total[0] / units, "tokens_per_second": total[2] / (time.perf_counter() - self.started),
+                **{k: v / units for k, v in zip(keys, total[3:])}}
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

@@ -1,0 +1,54 @@
+"""Resumable checkpoints of a training stage, written by every process together.
+
+A checkpoint is accelerate's `save_state` of the prepared model, optimizer and schedule (and
+each process's random state), so it is sharded exactly where the engine shards: one file of
+weights under DDP, torch.distributed.checkpoint shards under FSDP2, DeepSpeed's partitions
+under ZeRO. Every process writes its part into `step-N.tmp`; only when all have finished does
+rank 0 add `state.json` and rename the folder, so a checkpoint exists whole or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+
+def remove_partial(folder: Path) -> None:
+    """Folders of checkpoints that a killed run left half written (rank 0 only)."""
+    for tmp in folder.glob("step-*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    found = [p for p in folder.glob("step-*") if (p / "state.json").exists() and not p.name.endswith(".tmp")]
+    return max(found, key=_step_of, default=None)
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.split("-")[1])
+
+
+def save_checkpoint(accelerator, folder: Path, step: int, keep: int) -> None:
+    """Every process must call this (saving a sharded state is collective)."""
+    path = folder / f"step-{step}"
+    tmp = path.with_name(path.name + ".tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()  # every process's part is on disk
+    if accelerator.is_main_process:
+        (tmp / "state.json").write_text(json.dumps({"step": step}))
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)
+        # Older checkpoints go once a newer one is whole (a 7B model's, with AdamW, is over 100 GB).
+        for old in sorted((p for p in folder.glob("step-*") if not p.name.endswith(".tmp")), key=_step_of)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(accelerator, path: Path) -> int:
+    """Restore the prepared objects from `path` (every process); returns its step."""
+    accelerator.load_state(str(path))
+    return json.loads((path / "state.json").read_text())["step"]
