@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test smollm2 bench clean
+.PHONY: demo test smollm2 bench gpu-wheels clean
 
 # torch goes in first, from its pinned CPU build: anything that pulls torch before it
 # would bring the multi-gigabyte CUDA build.
@@ -32,6 +32,15 @@ bench: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The packages bench/gpu_check.sh needs beyond a GPU image's torch, as wheels for its Python
+# (3.12, x86-64) at the versions pinned here, into .gpu-wheels/ (carried to the GPU machine).
+GPU_WHEELS := accelerate annotated_types datasets dill httpcore2 httpx2 huggingface_hub multiprocess peft pydantic pydantic_core \
+	safetensors tokenizers transformers trl truststore typing_inspection
+gpu-wheels: $(STAMP)
+	$(BIN)/pip list --format=freeze | grep -i -E '^($(shell echo $(GPU_WHEELS) | tr ' ' '|' | sed 's/_/[-_]/g'))==' > .gpu-wheels.txt
+	$(BIN)/pip download -q --dest .gpu-wheels --no-deps --only-binary=:all: --python-version 3.12 \
+		--platform manylinux2014_x86_64 --implementation cp -r .gpu-wheels.txt
 
 clean:
 	rm -rf $(VENV) runs

@@ -24,9 +24,28 @@ VOCAB = 8192
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
 EOS, PAD = 2, 3
 
-# Llama shapes of about 7.4M and 34M parameters at an 8192-token vocabulary (untied head).
+# Llama shapes of about 7.4M and 34M parameters at an 8192-token vocabulary (untied head), and
+# SmolLM2-135M's own (grouped-query attention, 49152-token vocabulary, tied head) for the GPU check.
 SIZES = {"7M": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4),
-         "34M": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8)}
+         "34M": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8),
+         "135M": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                      num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, rope_theta=100000.0)}
+GPU = torch.cuda.is_available()  # benchmarks on a GPU train in bf16, as GPU recipes do
+DEVICE = torch.device("cuda" if GPU else "cpu")
+
+
+def installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def peer_gpu_options() -> tuple[str, bool]:
+    """TRL's fastest GPU settings that this machine has: flash-attention 2 (its padding-free path
+    needs it) and Liger's fused kernels, where installed; else sdpa and no Liger."""
+    if not GPU:
+        return "sdpa", False
+    return ("flash_attention_2" if installed("flash_attn") else "sdpa"), installed("liger_kernel")
 
 
 def tokenizer() -> PreTrainedTokenizerFast:
@@ -39,10 +58,11 @@ def tokenizer() -> PreTrainedTokenizerFast:
                                    pad_token="<pad>")
 
 
-def model(size: str, max_length: int, seed: int = 0) -> LlamaForCausalLM:
+def model(size: str, max_length: int, seed: int = 0, attention: str = "sdpa") -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=VOCAB, max_position_embeddings=max(2048, max_length), tie_word_embeddings=False,
-                         bos_token_id=1, eos_token_id=EOS, pad_token_id=PAD, attn_implementation="sdpa", **SIZES[size])
+    shape = {"vocab_size": VOCAB, "tie_word_embeddings": False, **SIZES[size]}
+    config = LlamaConfig(max_position_embeddings=max(2048, max_length), bos_token_id=1, eos_token_id=EOS,
+                         pad_token_id=PAD, attn_implementation=attention, **shape)
     return LlamaForCausalLM(config).float()
 
 
@@ -71,10 +91,15 @@ def text(ids: list[int]) -> str:
 class PeakMemory:
     """Peak resident memory above the level at entry, sampled every 5 ms in a thread; freed
     memory is handed back to the system first (malloc_trim) so one trainer's leftovers do not
-    hide the next one's peak."""
+    hide the next one's peak. On a GPU, the peak of GPU memory allocated above the entry level."""
 
     def __enter__(self):
         gc.collect()
+        if GPU:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+            return self
         try:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
         except OSError:
@@ -90,6 +115,9 @@ class PeakMemory:
             self.peak = max(self.peak, _rss())
 
     def __exit__(self, *exc):
+        if GPU:
+            self.peak = torch.cuda.max_memory_allocated()
+            return
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, _rss())

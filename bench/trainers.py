@@ -21,6 +21,7 @@ from dalign.config import DPOConfig, SFTConfig
 from dalign.dpo import Pair, PreferenceObjective, collate_pairs, pair_logps
 from dalign.losses import PreferenceLoss
 from dalign.packed import collate_packed, collate_packed_pairs, packed_attention
+from dalign.parallel import autocast
 from dalign.train import Example, collate, pack, token_loss_sum, train
 
 LR = 1e-4
@@ -28,7 +29,15 @@ LR = 1e-4
 
 def _settings(max_length: int) -> dict:
     return dict(learning_rate=LR, warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=1.0, max_length=max_length,
-                epochs=1, checkpoint_every=10**9, log_every=10**9, seed=0)
+                epochs=1, checkpoint_every=10**9, log_every=10**9, seed=0,
+                mixed_precision="bf16" if common.GPU else "no")
+
+
+def _peer_settings() -> dict:
+    """TRL's arguments for this machine: fp32 on a CPU (its bf16 default raises there), bf16 and
+    Liger where there is a GPU."""
+    _, liger = common.peer_gpu_options()
+    return dict(bf16=common.GPU, use_cpu=not common.GPU, use_liger_kernel=liger)
 
 
 def sft_examples(rows: list[common.Row]) -> list[Example]:
@@ -62,12 +71,12 @@ def trl_sft(size: str, rows: list[common.Row], batch: int, max_length: int, padd
     data = datasets.Dataset.from_list([{"input_ids": e.input_ids, "completion_mask": [int(x != IGNORE) for x in e.labels]}
                                        for e in examples])
     with tempfile.TemporaryDirectory() as out:
-        args = trl.SFTConfig(output_dir=out, bf16=False, use_cpu=True, activation_checkpointing=False,
+        args = trl.SFTConfig(output_dir=out, **_peer_settings(), activation_checkpointing=False,
                              per_device_train_batch_size=batch, num_train_epochs=1, learning_rate=LR, lr_scheduler_type="cosine",
                              warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, logging_steps=1, report_to=[],
                              save_strategy="no", dataloader_num_workers=0, completion_only_loss=True,
                              padding_free=padding_free, max_length=None if padding_free else max_length, seed=0)
-        model = common.model(size, max_length)
+        model = common.model(size, max_length, attention=common.peer_gpu_options()[0])
         trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=common.tokenizer())
         _in_order(trainer)
         with common.PeakMemory() as mem:
@@ -94,8 +103,8 @@ def dalign_dpo(size: str, rows: list[common.Row], batch: int, max_length: int, p
     collate_fn = collate_packed_pairs if packed else lambda chunk: collate_pairs(chunk, common.PAD)
     with tempfile.TemporaryDirectory() as out, common.PeakMemory() as mem:
         start = time.perf_counter()
-        reference = copy.deepcopy(model).eval()  # a frozen copy, as the product loads one
-        with torch.no_grad(), packed_attention(reference, packed):
+        reference = copy.deepcopy(model).eval().to(common.DEVICE)  # a frozen copy, as the product loads one
+        with torch.no_grad(), packed_attention(reference, packed), autocast(common.DEVICE, cfg.mixed_precision):
             for pair, (c, r) in zip(pairs, pair_logps(reference, pairs, batch, common.PAD, packed=packed)):
                 pair.ref_chosen, pair.ref_rejected = c, r
         del reference
@@ -116,13 +125,13 @@ def trl_dpo(size: str, rows: list[common.Row], batch: int, max_length: int, prec
     data = datasets.Dataset.from_list([{"prompt": common.text(r.prompt), "chosen": " " + common.text(r.chosen),
                                         "rejected": " " + common.text(r.rejected)} for r in rows])
     with tempfile.TemporaryDirectory() as out:
-        args = trl.DPOConfig(output_dir=out, bf16=False, use_cpu=True, activation_checkpointing=False, beta=0.1,
+        args = trl.DPOConfig(output_dir=out, **_peer_settings(), activation_checkpointing=False, beta=0.1,
                              loss_type=["sigmoid"], per_device_train_batch_size=batch, num_train_epochs=1,
                              learning_rate=LR, lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0,
                              max_grad_norm=1.0, logging_steps=1, report_to=[], save_strategy="no",
                              dataloader_num_workers=0, precompute_ref_log_probs=precompute,
                              precompute_ref_batch_size=batch, max_length=max_length, seed=0)
-        model = common.model(size, max_length)
+        model = common.model(size, max_length, attention=common.peer_gpu_options()[0])
         with common.PeakMemory() as mem:
             start = time.perf_counter()  # the precompute runs inside the constructor: it is timed
             trainer = trl.DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=data,

@@ -9,7 +9,14 @@ and the log-softmax over the vocabulary skip the prompt), through transformers'
 
 The attention is registered with transformers as "dalign_packed" (and a mask function that
 builds no mask): it reads the spans from the forward call's `dalign_spans` keyword, which
-transformers passes down to every attention layer.
+transformers passes down to every attention layer. Two kernels compute it:
+- on a CPU, one scaled_dot_product_attention call per span (no work across spans; FlexAttention
+  has no backward on a CPU);
+- on a GPU, one FlexAttention call per layer for the whole row, with a block mask built once per
+  forward from the spans (each span causal and to itself; a rejected answer sees the prompt and
+  itself, not the chosen answer). A Python loop of small kernels per span would leave a GPU idle,
+  and flash-attention's variable-length kernel cannot express the shared prompt without copying
+  it next to each answer. The row is padded to a multiple of the mask's block size.
 """
 
 from __future__ import annotations
@@ -37,11 +44,53 @@ class Span:
     end: int
 
 
+BLOCK = 128  # FlexAttention's block size: padded rows are a multiple of it
+
+
+def span_block_mask(spans: list[Span], length: int, device):
+    """The FlexAttention block mask of a packed row of `length` tokens (padding past the last span
+    is a sequence of its own, whose outputs nothing reads)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    sequence = torch.full((length,), len(spans), dtype=torch.int32, device=device)
+    second = torch.zeros(length, dtype=torch.bool, device=device)  # the rejected answer of a pair
+    first = torch.zeros(length, dtype=torch.bool, device=device)  # the chosen answer of a pair with a second
+    for i, s in enumerate(spans):
+        sequence[s.start:s.end] = i
+        if s.end > s.first_end:
+            first[s.shared:s.first_end] = True
+            second[s.first_end:s.end] = True
+
+    def mask_mod(b, h, q, kv):
+        return (sequence[q] == sequence[kv]) & (kv <= q) & ~(second[q] & first[kv])
+
+    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=length, KV_LEN=length, device=device)
+
+
+_flex = None
+
+
+def _flex_attention(query, key, value, block_mask, scale):
+    global _flex
+    if _flex is None:  # compiled once per process: uncompiled, FlexAttention materialises the whole score matrix
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _flex = torch.compile(flex_attention)  # a second length recompiles once, for any length
+    return _flex(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=query.shape[1] != key.shape[1])
+
+
+def use_flex(device: torch.device) -> bool:
+    """Which kernel runs the span attention: FlexAttention on a GPU, the per-span loop elsewhere."""
+    return device.type == "cuda"
+
+
 def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
-               dalign_spans: list[Span] | None = None, **kwargs):
+               dalign_spans: list[Span] | None = None, dalign_block_mask=None, **kwargs):
     """query (1, H, T, D), key and value (1, Hkv, T, D) -> (1, T, H, D), causal within each span."""
     if dalign_spans is None:
         raise ValueError("a model set to dalign's packed attention must be called with dalign_spans")
+    if dalign_block_mask is not None:
+        return _flex_attention(query, key, value, dalign_block_mask, scaling).transpose(1, 2).contiguous(), None
     groups = query.shape[1] // key.shape[1]
     if groups > 1:
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
@@ -126,16 +175,23 @@ def collate_packed_pairs(pairs) -> dict:
             "ref_rejected": torch.tensor([p.ref_rejected for p in pairs], dtype=torch.float64)}
 
 
-def packed_logits(model, batch: dict) -> torch.Tensor:
+def packed_logits(model, batch: dict, flex: bool | None = None) -> torch.Tensor:
     """Logits (N, V) at the packed batch's `predict_at` positions only: the head and the softmax
-    over the vocabulary skip every position whose next token carries no loss."""
-    return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], dalign_spans=batch["dalign_spans"],
+    over the vocabulary skip every position whose next token carries no loss. `flex`: the
+    FlexAttention kernel (default: on a GPU)."""
+    ids, pos = batch["input_ids"], batch["position_ids"]
+    mask = None
+    if use_flex(ids.device) if flex is None else flex:
+        pad = -ids.shape[1] % BLOCK
+        ids, pos = F.pad(ids, (0, pad)), F.pad(pos, (0, pad))
+        mask = span_block_mask(batch["dalign_spans"], ids.shape[1], ids.device)
+    return model(input_ids=ids, position_ids=pos, dalign_spans=batch["dalign_spans"], dalign_block_mask=mask,
                  logits_to_keep=batch["predict_at"], use_cache=False).logits[0].float()
 
 
-def packed_token_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def packed_token_logps(model, batch: dict, flex: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(token) at every scored answer token of a packed batch, and its sequence index."""
-    logits = packed_logits(model, batch)
+    logits = packed_logits(model, batch, flex)
     return torch.log_softmax(logits, dim=-1).gather(-1, batch["targets"].unsqueeze(-1)).squeeze(-1), batch["sequence"]
 
 

@@ -108,3 +108,38 @@ def test_grouped_query_attention_packs_the_same(pairs_and_models, world_tokenize
     want = sequence_logps(plain, collate_pairs(pairs, pad))
     got = sequence_logps(packed, collate_packed_pairs(pairs))
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-5), (got - want).abs().max()
+
+
+def test_the_flex_attention_kernel_gives_the_padded_log_probs(pairs_and_models, world_tokenizer):
+    """The GPU kernel (one FlexAttention call per layer, block mask from the spans), run here on
+    the CPU, forward only: FlexAttention has no backward on a CPU; bench/gpu_check.sh checks the
+    gradients on a GPU. Grouped-query attention and the shared prompt of a pair included."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dalign.packed import collate_packed, packed_logits, packed_token_logps
+    from dalign.train import collate, pack, token_loss_sum
+
+    pairs, _, _, pad = pairs_and_models
+    torch.manual_seed(0)
+    plain = LlamaForCausalLM(LlamaConfig(vocab_size=len(world_tokenizer), hidden_size=32, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                                         max_position_embeddings=512, pad_token_id=pad))
+    packed = copy.deepcopy(plain)
+    use_packed_attention(packed)
+    with torch.no_grad():
+        want = sequence_logps(plain, collate_pairs(pairs, pad))
+        batch = collate_packed_pairs(pairs)
+        logps, sequence = packed_token_logps(packed, batch, flex=True)
+        got = torch.zeros(len(want)).index_add(0, sequence, logps)
+        assert torch.allclose(got, want, atol=1e-4, rtol=1e-5), (got - want).abs().max()
+        # Without the block mask the same row gives other numbers: the mask is what keeps the
+        # rejected answer from seeing the chosen one.
+        spans = batch["dalign_spans"]
+        assert not torch.allclose(packed_logits(packed, {**batch, "dalign_spans": [
+            type(s)(s.start, s.start, s.end, s.end) for s in spans]}, flex=True), packed_logits(packed, batch, flex=True))
+        examples = [p.chosen for p in pairs]
+        sft_want, n = token_loss_sum(plain, collate([[e] for e in examples], pad))
+        rows = collate_packed(pack(examples, 400))
+        sft_got = torch.nn.functional.cross_entropy(packed_logits(packed, rows, flex=True), rows["targets"],
+                                                    reduction="sum")
+        assert n == len(rows["targets"]) and torch.allclose(sft_got, sft_want, rtol=1e-5), (sft_got, sft_want)
