@@ -176,3 +176,13 @@ def test_a_run_killed_after_a_checkpoint_resumes_exactly(runs, stage):
     assert [m["step"] for m in mb] == list(range(1, STEPS + 1))  # no step logged twice, none missing
     for x, y in zip(ma, mb):
         assert (x["loss"], x["grad_norm"], x["lr"]) == (y["loss"], y["grad_norm"], y["lr"]), x["step"]
+
+
+@pytest.mark.parametrize("name, engine", [("ddp", "ddp"), ("fsdp2", "fsdp2"), ("zero3", "zero3"),
+                                          ("zero3-multinode", "zero3")])
+def test_each_shipped_accelerate_config_asks_for_its_engine(name, engine, monkeypatch):
+    from dalign.parallel import launched_engine
+
+    for key, value in accelerate_env(ROOT / "configs" / "accelerate" / f"{name}.yaml").items():
+        monkeypatch.setenv(key, value)
+    assert launched_engine().value == engine

@@ -76,7 +76,7 @@ def test_activation_memory_by_hand():
     per_block = (8 * 4096 + 4 * 1024 + 4 * 14336) * tokens * 2  # bf16 values autograd keeps
     logits = 2 * tokens * 32000 * 4
     sft = load_recipe(None, ["sft.mixed_precision=bf16"]).sft
-    assert activation_bytes(Shape, tokens, sft) == 32 * per_block + logits  # about 94 GiB: it does not fit
+    assert activation_bytes(Shape, tokens, sft) == 32 * per_block + logits  # about 96 GiB: no GPU holds it
     checkpointed = sft.model_copy(update={"activation_checkpointing": True})
     assert activation_bytes(Shape, tokens, checkpointed) == 32 * 4096 * tokens * 2 + per_block + logits
     assert activation_bytes(Shape, tokens, checkpointed) / GIB < 11

@@ -94,17 +94,23 @@ def test_packed_sft_loss_and_gradients_equal_the_padded_ones(pairs_and_models):
         assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-4), name
 
 
-def test_grouped_query_attention_packs_the_same(pairs_and_models, world_tokenizer):
-    # SmolLM2 and Mistral share each key/value head among several query heads.
+def gqa_models(tokenizer, pad: int):
+    """A model whose key/value heads are each shared by two query heads (as SmolLM2's and
+    Mistral's are), and a copy of it on the packed attention."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    pairs, _, _, pad = pairs_and_models
     torch.manual_seed(0)
-    plain = LlamaForCausalLM(LlamaConfig(vocab_size=len(world_tokenizer), hidden_size=32, num_hidden_layers=2,
+    plain = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
-                                         max_position_embeddings=256, pad_token_id=pad))
+                                         max_position_embeddings=512, pad_token_id=pad))
     packed = copy.deepcopy(plain)
     use_packed_attention(packed)
+    return plain, packed
+
+
+def test_grouped_query_attention_packs_the_same(pairs_and_models, world_tokenizer):
+    pairs, _, _, pad = pairs_and_models
+    plain, packed = gqa_models(world_tokenizer, pad)
     want = sequence_logps(plain, collate_pairs(pairs, pad))
     got = sequence_logps(packed, collate_packed_pairs(pairs))
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-5), (got - want).abs().max()
@@ -114,18 +120,11 @@ def test_the_flex_attention_kernel_gives_the_padded_log_probs(pairs_and_models, 
     """The GPU kernel (one FlexAttention call per layer, block mask from the spans), run here on
     the CPU, forward only: FlexAttention has no backward on a CPU; bench/gpu_check.sh checks the
     gradients on a GPU. Grouped-query attention and the shared prompt of a pair included."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from dalign.packed import collate_packed, packed_logits, packed_token_logps
     from dalign.train import collate, pack, token_loss_sum
 
     pairs, _, _, pad = pairs_and_models
-    torch.manual_seed(0)
-    plain = LlamaForCausalLM(LlamaConfig(vocab_size=len(world_tokenizer), hidden_size=32, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
-                                         max_position_embeddings=512, pad_token_id=pad))
-    packed = copy.deepcopy(plain)
-    use_packed_attention(packed)
+    plain, packed = gqa_models(world_tokenizer, pad)
     with torch.no_grad():
         want = sequence_logps(plain, collate_pairs(pairs, pad))
         batch = collate_packed_pairs(pairs)
