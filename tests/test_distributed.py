@@ -1,5 +1,5 @@
 """Packed dSFT and packed dDPO under two processes equal one process, with DDP, FSDP2 and
-DeepSpeed ZeRO-3, and a run killed after a checkpoint resumes to exactly the straight run.
+DeepSpeed ZeRO-2 and ZeRO-3, and a run killed after a checkpoint resumes to exactly the straight run.
 
 Two processes are started by `torchrun --standalone --nproc_per_node 2` (tests/distributed_worker.py),
 the engine set by the environment that `accelerate launch` derives from the shipped config
@@ -30,7 +30,7 @@ from test_train import world_dialogues
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
-ENGINES = ["ddp", "fsdp2", "zero3"]
+ENGINES = ["ddp", "fsdp2", "zero2", "zero3"]
 STEPS, KILLED_AT = 6, 3
 # 1e-4 on weights, 1e-5 relative on grad norms, 1e-6 on losses separate float noise (reduction
 # order, amplified by Adam) from a wrong loop: a step taken at every micro-batch moves weights by ~1e-3.
@@ -135,7 +135,8 @@ def test_two_processes_equal_one(runs, setup, stage):
     engine, out, _ = runs
     for seen in ranks(out / stage):  # the launch really ran two processes under the engine asked for
         assert seen["processes"] == 2 and seen["engine"] == engine
-        assert seen["sharded"] == (0 if engine == "ddp" else seen["parameters"]), seen
+        # FSDP2 and ZeRO-3 hand back every parameter as a shard; DDP and ZeRO-2 keep them whole.
+        assert seen["sharded"] == (seen["parameters"] if engine in ("fsdp2", "zero3") else 0), seen
     one, two = setup / "one" / stage, out / stage
     start = load_file(setup / "base" / "model.safetensors")
     w1, w2 = (load_file(p / "model" / "model.safetensors") for p in (one, two))
@@ -150,13 +151,15 @@ def test_two_processes_equal_one(runs, setup, stage):
         assert b["loss"] == pytest.approx(a["loss"], abs=LOSS_ATOL, rel=0), a["step"]
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=NORM_RTOL), a["step"]
         assert b["lr"] == a["lr"]
-    assert ranks(two)[0]["distributed_type"] == {"ddp": "MULTI_CPU", "fsdp2": "FSDP", "zero3": "DEEPSPEED"}[engine]
+    assert ranks(two)[0]["distributed_type"] == {"ddp": "MULTI_CPU", "fsdp2": "FSDP"}.get(engine, "DEEPSPEED")
 
 
 # What each engine's checkpoint holds: one file of weights, or one shard per process.
 SHARDS = {"ddp": ["model.safetensors", "optimizer.bin"],
           "fsdp2": ["optimizer_0/__0_0.distcp", "optimizer_0/__1_0.distcp",
                     "pytorch_model_fsdp_0/__0_0.distcp", "pytorch_model_fsdp_0/__1_0.distcp"],
+          "zero2": ["pytorch_model/mp_rank_00_model_states.pt", "pytorch_model/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                    "pytorch_model/zero_pp_rank_1_mp_rank_00_optim_states.pt"],
           "zero3": ["pytorch_model/zero_pp_rank_0_mp_rank_00_model_states.pt",
                     "pytorch_model/zero_pp_rank_0_mp_rank_00_optim_states.pt",
                     "pytorch_model/zero_pp_rank_1_mp_rank_00_model_states.pt",
@@ -178,7 +181,7 @@ def test_a_run_killed_after_a_checkpoint_resumes_exactly(runs, stage):
         assert (x["loss"], x["grad_norm"], x["lr"]) == (y["loss"], y["grad_norm"], y["lr"]), x["step"]
 
 
-@pytest.mark.parametrize("name, engine", [("ddp", "ddp"), ("fsdp2", "fsdp2"), ("zero3", "zero3"),
+@pytest.mark.parametrize("name, engine", [("ddp", "ddp"), ("fsdp2", "fsdp2"), ("zero2", "zero2"), ("zero3", "zero3"),
                                           ("zero3-multinode", "zero3")])
 def test_each_shipped_accelerate_config_asks_for_its_engine(name, engine, monkeypatch):
     from dalign.parallel import launched_engine

@@ -46,9 +46,10 @@ def launched_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("launch")
     run_dir = folder / "run"
     recipe = str(write_recipe(folder, run_dir))
-    assert main(["pretrain", recipe, *TWO]) == 0 and main(["generate", "dialogues", recipe, *TWO]) == 0
-    sft = launched([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    "-m", "dalign.cli", "sft", recipe, *TWO])
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "dalign.cli"]
+    launched([*torchrun, "pretrain", recipe, *TWO])
+    assert main(["generate", "dialogues", recipe, *TWO]) == 0
+    sft = launched([*torchrun, "sft", recipe, *TWO])
     for stage in (["generate", "completions"], ["rate"], ["binarize"]):
         assert main([*stage, recipe, *TWO]) == 0
     dpo = launched([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
@@ -57,8 +58,11 @@ def launched_run(tmp_path_factory):
     return recipe, run_dir, sft, dpo
 
 
-def test_torchrun_runs_the_sft_stage_on_two_processes(launched_run):
+def test_torchrun_runs_pretraining_and_sft_on_two_processes(launched_run):
     recipe, run_dir, sft, _ = launched_run
+    base = manifest(run_dir, "base")  # rank 0 made the tokenizer and the token stream, both trained
+    assert (base["processes"], base["global_batch_size"], base["status"]) == (2, 8, "complete")
+    assert AutoModelForCausalLM.from_pretrained(run_dir / "base" / "model").num_parameters() == base["parameters"]
     facts = manifest(run_dir, "sft")
     assert facts["status"] == "complete"
     assert (facts["processes"], facts["global_batch_size"], facts["per_device_batch_size"],
