@@ -40,9 +40,12 @@ def check(lora: LoraConfig | None, where: str) -> None:
 
 def load_trainable(path: str | Path, lora: LoraConfig | None, seed: int = 0):
     """The model to train from `path`: every weight, or frozen weights (4-bit for QLoRA) with adapters,
-    initialised from `seed` (the A matrices are random), so a rerun starts from the same adapters."""
+    initialised from `seed` (the A matrices are random), so a rerun starts from the same adapters.
+    Weights load in fp32 whatever the checkpoint holds: transformers keeps a bf16 checkpoint in
+    bf16, and AdamW steps of 5e-7 on bf16 weights round away; mixed precision (autocast, or
+    DeepSpeed's 16-bit mode with its fp32 master copy) is the training stage's to apply."""
     if lora is None:
-        return AutoModelForCausalLM.from_pretrained(path)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     import peft
 
     if lora.load_in_4bit:
@@ -53,7 +56,7 @@ def load_trainable(path: str | Path, lora: LoraConfig | None, seed: int = 0):
         model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, device_map={"": 0})
         model = peft.prepare_model_for_kbit_training(model)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     torch.manual_seed(seed)
     return peft.get_peft_model(model, peft.LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                                       target_modules=lora.target_modules, task_type="CAUSAL_LM"))

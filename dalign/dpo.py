@@ -158,7 +158,8 @@ def reference_logps(reference_path: Path, pairs: list[Pair], pairs_path: Path, c
         values = stored["logps"]
     else:
         state = process_state()
-        model = (adapted or AutoModelForCausalLM.from_pretrained(reference_path)).to(state.device)
+        # fp32 like the policy (dalign.adapters.load_trainable), so at step 0 the two agree.
+        model = (adapted or AutoModelForCausalLM.from_pretrained(reference_path, dtype=torch.float32)).to(state.device)
         mine = pairs[state.process_index::state.num_processes]
         # The matrix products at the training precision, so that at step 0 policy and reference agree.
         with adapted.disable_adapter() if adapted is not None else contextlib.nullcontext(), \

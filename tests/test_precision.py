@@ -102,3 +102,24 @@ def test_fp16_is_refused_on_a_cpu(world_tokenizer, sft_rows, tmp_path):
         pytest.skip("fp16 runs where there is a GPU")
     with pytest.raises(LaunchError, match="fp16 needs a GPU"):
         train(tiny_model(world_tokenizer), sft_rows, collate_packed, cfg, tmp_path / "run")
+
+
+def test_a_bf16_checkpoint_trains_with_fp32_weights(world_tokenizer, tmp_path):
+    """transformers loads a bf16 checkpoint (as Mistral-7B ships) in bf16; training must not take
+    its AdamW steps on those: the stage loads fp32 weights and autocast does the bf16 products."""
+    from dalign.data import write_rows
+    from dalign.sft import run_sft
+    from safetensors.torch import load_file
+
+    tiny_model(world_tokenizer).to(torch.bfloat16).save_pretrained(tmp_path / "base")
+    world_tokenizer.save_pretrained(tmp_path / "base")
+    write_rows(tmp_path / "dialogues.jsonl", world_dialogues(8))
+    cfg = SFTConfig(mixed_precision="bf16", max_steps=2, per_device_batch_size=2, learning_rate=1e-6,
+                    replay_ratio=0.0, checkpoint_every=100, max_length=128)
+    run_sft(cfg, tmp_path / "base", tmp_path / "dialogues.jsonl", tmp_path / "sft", None)
+    before = load_file(tmp_path / "base" / "model.safetensors")
+    after = load_file(tmp_path / "sft" / "model" / "model.safetensors")
+    assert {t.dtype for t in after.values()} == {torch.float32}
+    # A step of 1e-6 is below bf16's resolution for most of these weights (about 1e-4 at 0.02).
+    moved = after["model.layers.0.mlp.up_proj.weight"] - before["model.layers.0.mlp.up_proj.weight"].float()
+    assert 0 < moved.abs().max() < 1e-4
