@@ -62,7 +62,8 @@ def load_trainable(path: str | Path, lora: LoraConfig | None, seed: int = 0):
                                                       target_modules=lora.target_modules, task_type="CAUSAL_LM"))
 
 
-def save_trained(model, start: str | Path, lora: LoraConfig | None, out: Path, state_dict: dict | None = None) -> None:
+def save_trained(model, start: str | Path | None, lora: LoraConfig | None, out: Path,
+                 state_dict: dict | None = None) -> None:
     """Save `out/model` as a plain transformers model (adapters merged in) and the adapters alone
     in `out/adapter`; `state_dict`: the full weights gathered from a sharding engine (the model
     object then holds only this process's shard). A 4-bit model is merged into a full-precision
@@ -77,6 +78,16 @@ def save_trained(model, start: str | Path, lora: LoraConfig | None, out: Path, s
         full = AutoModelForCausalLM.from_pretrained(start, dtype=torch.bfloat16)
         model = peft.PeftModel.from_pretrained(full, out / "adapter")
     model.merge_and_unload().save_pretrained(out / "model")
+
+
+def exporter(start: str | Path | None, lora: LoraConfig | None, out: Path, tokenizer):
+    """The `export` a training stage hands to dalign.train.train: rank 0, once training is over,
+    saves `out/model` (save_trained) with the tokenizer beside it."""
+    def export(trained, state_dict: dict) -> None:
+        save_trained(trained, start, lora, out, state_dict)
+        tokenizer.save_pretrained(out / "model")
+
+    return export
 
 
 def save_full(model, folder: Path, state_dict: dict | None = None) -> None:

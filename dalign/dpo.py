@@ -158,10 +158,10 @@ def reference_logps(reference_path: Path, pairs: list[Pair], pairs_path: Path, c
         values = stored["logps"]
     else:
         state = process_state()
-        # fp32 like the policy (dalign.adapters.load_trainable), so at step 0 the two agree.
+        # fp32 weights like the policy's (dalign.adapters.load_trainable) and products at the
+        # training precision, so that at step 0 policy and reference agree.
         model = (adapted or AutoModelForCausalLM.from_pretrained(reference_path, dtype=torch.float32)).to(state.device)
         mine = pairs[state.process_index::state.num_processes]
-        # The matrix products at the training precision, so that at step 0 policy and reference agree.
         with adapted.disable_adapter() if adapted is not None else contextlib.nullcontext(), \
                 packed_attention(model, cfg.packed), autocast(state.device, cfg.mixed_precision):
             scored = pair_logps(model.eval(), mine, cfg.per_device_batch_size, pad_id, cfg.loss.length_normalized,
@@ -192,12 +192,9 @@ def run_dpo(cfg: DPOConfig, policy_path: Path, reference_path: Path, pairs_path:
                               tokenizer.pad_token_id, adapted=model if cfg.lora is not None else None)
     model.train()
     collate_fn = collate_packed_pairs if cfg.packed else lambda chunk: collate_pairs(chunk, tokenizer.pad_token_id)
-    def export(trained, state_dict):  # rank 0, once training is over
-        adapters.save_trained(trained, policy_path, cfg.lora, out, state_dict)
-        tokenizer.save_pretrained(out / "model")
-
     objective = PreferenceObjective(cfg.beta, cfg.loss, cfg.chosen_nll)
     with packed_attention(model, cfg.packed):
-        summary = train(model, pairs, collate_fn, cfg, out, objective=objective, desc="dpo", export=export)
+        summary = train(model, pairs, collate_fn, cfg, out, objective=objective, desc="dpo",
+                        export=adapters.exporter(policy_path, cfg.lora, out, tokenizer))
     return {**summary, "rows": {"kept": len(pairs), "dropped": dict(dropped)}, "reference": str(reference_path),
             "reference_logps_key": ref_key}

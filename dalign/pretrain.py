@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from dalign.adapters import exporter
 from dalign.chat import ZEPHYR_TEMPLATE
-from dalign.adapters import save_full
 from dalign.config import BaseConfig
 from dalign.parallel import barrier, is_main
 from dalign.train import Example, collate, train
@@ -67,11 +67,6 @@ def run_pretrain(cfg: BaseConfig, out: Path) -> dict:
     rows = blocks(tokens, cfg.max_length)
     model = build_model(cfg.model, tokenizer, cfg.seed)
     parameters = sum(p.numel() for p in model.parameters())  # counted before an engine shards them
-
-    def export(trained, state_dict):  # rank 0, once training is over
-        save_full(trained, out / "model", state_dict)
-        tokenizer.save_pretrained(out / "model")
-
     summary = train(model, rows, lambda r: collate([[e] for e in r], tokenizer.pad_token_id), cfg, out, desc="base",
-                    export=export)
+                    export=exporter(None, None, out, tokenizer))
     return {**summary, "corpus_tokens": int(len(tokens)), "vocab_size": len(tokenizer), "parameters": parameters}

@@ -63,11 +63,8 @@ def run_sft(cfg: SFTConfig, model_path: Path, dialogues: Path, out: Path, replay
     # Packed rows go through the span attention: each dialogue attends only itself, with no
     # mask over the whole row and no work across dialogues.
     collate_fn = collate_packed if cfg.packing else partial(collate, pad_id=tokenizer.pad_token_id)
-    def export(trained, state_dict):  # rank 0, once training is over
-        adapters.save_trained(trained, model_path, cfg.lora, out, state_dict)
-        tokenizer.save_pretrained(out / "model")
-
     with packed_attention(model, cfg.packing):
-        summary = train(model, rows_to_train, collate_fn, cfg, out, desc="sft", export=export)
+        summary = train(model, rows_to_train, collate_fn, cfg, out, desc="sft",
+                        export=adapters.exporter(model_path, cfg.lora, out, tokenizer))
     return {**summary, "rows": {"kept": len(examples) - n_replay, "dropped": dict(dropped), "replay": n_replay},
             "read_errors": report.examples}
