@@ -5,6 +5,7 @@ key and the recipe file."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import shutil
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dalign.chat import ZEPHYR_TEMPLATE
@@ -254,3 +256,77 @@ def test_the_report_has_the_table_charts_and_provenance(micro_run, tmp_path):
     assert page.count('src="data:image/png;base64,') == 2 and "<table" in page
     assert (tmp_path / "rep" / "radar.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["report", str(tmp_path / "nowhere")]) == 2
+
+
+# --- the numbers the one-pipeline refactor must not change -----------------------------------
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _weights_digest(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(load_file(folder / "model.safetensors").items()):
+        digest.update(name.encode() + tensor.contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def pinned_outputs(run_dir: Path) -> dict:
+    """Digests of every row the micro recipe writes and of every model it saves, and its
+    evaluation figures, read from the stage files (not the manifests, whose layout may change)."""
+    found = {f"{stage}/{name}": _digest(read_rows(run_dir / stage / name)) for stage, name in (
+        ("dialogues", "dialogues.jsonl"), ("completions", "completions.jsonl"), ("ratings", "ratings.jsonl"),
+        ("pairs", "train.jsonl"), ("pairs", "test.jsonl"))}
+    found.update({f"{stage}/model": _weights_digest(run_dir / stage / "model")
+                  for stage in ("base", "sft", "dpo-main", "dpo-nosft")})
+    for label in ("base", "sft", "dpo-main", "dpo-nosft"):
+        graded = json.loads((run_dir / "evaluate" / f"{label}.json").read_text())
+        found[f"evaluate/{label}"] = {k: graded[k] for k in ("score", "first_turn_correct", "greedy_accuracy",
+                                                             "pass_at_k")}
+        found[f"evaluate/{label}/answers"] = _digest([a["answers"] for a in graded["answers"]])
+        found[f"evaluate/{label}/judgments"] = _digest([j["raw"] for a in graded["answers"] for j in a["judgments"]])
+        found[f"evaluate/{label}/win_rate_answers"] = _digest(
+            json.loads((run_dir / "evaluate" / f"answers_{label}.json").read_text()))
+        if label != "sft":
+            wins = json.loads((run_dir / "evaluate" / f"win_rate_{label}_vs_sft.json").read_text())
+            found[f"evaluate/{label}/win_rate"] = {k: wins[k] for k in ("win_rate", "wins", "ties", "losses")}
+    return found
+
+
+PINNED = {
+    'dialogues/dialogues.jsonl': '06b32afbf33ac2cc',
+    'completions/completions.jsonl': '21cd1e793a1299f5',
+    'ratings/ratings.jsonl': '060c3700143095ba',
+    'pairs/train.jsonl': '527bedb9d003ecfd',
+    'pairs/test.jsonl': '92f2f9f1f1f7580e',
+    'base/model': '8e92faefc2e79bbd',
+    'sft/model': 'e5bb8bf65a2440c3',
+    'dpo-main/model': '7baf54c9862cdcad',
+    'dpo-nosft/model': '8356de68466f9989',
+    'evaluate/base': {'score': 1.0, 'first_turn_correct': 0.0, 'greedy_accuracy': 0.0, 'pass_at_k': 0.0},
+    'evaluate/base/answers': '0b73e8f566d32343',
+    'evaluate/base/judgments': 'd423059ba14dab84',
+    'evaluate/base/win_rate_answers': '95966552ff6a76e2',
+    'evaluate/base/win_rate': {'win_rate': 0.5, 'wins': 0, 'ties': 8, 'losses': 0},
+    'evaluate/sft': {'score': 1.0, 'first_turn_correct': 0.0, 'greedy_accuracy': 0.0, 'pass_at_k': 0.0},
+    'evaluate/sft/answers': '1678ebae8e147b5a',
+    'evaluate/sft/judgments': '62e1bfb803f7ff08',
+    'evaluate/sft/win_rate_answers': '95966552ff6a76e2',
+    'evaluate/dpo-main': {'score': 1.0, 'first_turn_correct': 0.0, 'greedy_accuracy': 0.0, 'pass_at_k': 0.0},
+    'evaluate/dpo-main/answers': '1678ebae8e147b5a',
+    'evaluate/dpo-main/judgments': '62e1bfb803f7ff08',
+    'evaluate/dpo-main/win_rate_answers': '95966552ff6a76e2',
+    'evaluate/dpo-main/win_rate': {'win_rate': 0.5, 'wins': 0, 'ties': 8, 'losses': 0},
+    'evaluate/dpo-nosft': {'score': 1.0, 'first_turn_correct': 0.0, 'greedy_accuracy': 0.0, 'pass_at_k': 0.0},
+    'evaluate/dpo-nosft/answers': '0b73e8f566d32343',
+    'evaluate/dpo-nosft/judgments': 'd423059ba14dab84',
+    'evaluate/dpo-nosft/win_rate_answers': '95966552ff6a76e2',
+    'evaluate/dpo-nosft/win_rate': {'win_rate': 0.5, 'wins': 0, 'ties': 8, 'losses': 0},
+}
+
+
+def test_the_micro_recipe_gives_the_pinned_outputs(micro_run):
+    """Pinned from the two-pipeline code (commit 2309315) before the one-pipeline refactor."""
+    _, run_dir, code, _, err = micro_run
+    assert code == 0, err
+    assert pinned_outputs(run_dir) == PINNED
