@@ -66,3 +66,27 @@ def binarize(rows: list[dict], rule: Rejection, seed: int, test_fraction: float)
         else:
             (test if is_test(str(row["prompt_id"]), test_fraction, seed) else train).append(pair)
     return train, test, dropped
+
+
+def stage(recipe, out, inputs: dict) -> dict:
+    """The `pairs` stage: the ratings binarized into train and test splits (pairs.held_out, when
+    set, replaces the test split), or pairs read from pairs.source and pairs.held_out."""
+    from dalign.data import read_rows, write_rows
+    from dalign.readers import read_preferences, read_source
+
+    cfg = recipe.pairs
+    if cfg.source is not None:
+        read = {split: read_source(source, read_preferences, out / f"{split}.jsonl")
+                for split, source in (("train", cfg.source), ("test", cfg.held_out))}
+        return {"rows": {"kept": read["train"]["kept"] + read["test"]["kept"],
+                         "dropped": {f"{s}:{k}": v for s in read for k, v in read[s]["dropped"].items()}}, **read}
+    train, test, dropped = binarize(read_rows(inputs["ratings"] / "ratings.jsonl"), cfg.rejection, cfg.seed,
+                                    cfg.test_fraction)
+    write_rows(out / "train.jsonl", train)
+    write_rows(out / "test.jsonl", test)
+    differ = sum(r["score_chosen"] > r["score_rejected"] for r in train + test)
+    facts = {"seeds": {"picks_and_split": cfg.seed}, "rows": {"kept": len(train) + len(test), "dropped": dict(dropped)},
+             "train": len(train), "test": len(test), "share_scores_differ": differ / max(1, len(train) + len(test))}
+    if cfg.held_out is not None:
+        facts["test"] = read_source(cfg.held_out, read_preferences, out / "test.jsonl")
+    return facts

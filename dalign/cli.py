@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -85,7 +84,7 @@ def parser() -> argparse.ArgumentParser:
     sub = top.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run every stage of a recipe into its run directory")
     _recipe_args(run)
-    run.add_argument("--dry-run", action="store_true", help="for a recipe on a real model: print the plan (parameters, "
+    run.add_argument("--dry-run", action="store_true", help="for a recipe that starts from a model: print the plan (parameters, "
                      "global batch sizes, steps, memory per GPU) without loading weights")
     run.add_argument("--processes", type=int, help="with --dry-run: training processes over all nodes (one per GPU; "
                      "default: the launch's, else 1)")
@@ -140,18 +139,11 @@ def main(argv: list[str] | None = None) -> int:
 
             print(dry_run(recipe, args.processes or launched_processes(), Engine(args.engine or launched_engine())))
             return 0
-        if recipe.real is not None:
-            from dalign.real import run as run_real
-
-            manifests = run_real(recipe, only=stage)
-            if "evaluate" in manifests and is_main():
-                print(json.dumps(manifests["evaluate"].get("held_out"), indent=1))
-            return 0
         manifests = run_recipe(recipe, only=stage)
     except (ConfigError, RowError, StageDirError, MissingInputError, ModelError, LaunchError) as err:
         print(f"dalign: error: {err}", file=sys.stderr)
         return 2
-    if "evaluate" in manifests:
+    if "evaluate" in manifests and is_main():
         print("\n" + score_table(manifests["evaluate"]))
         if args.command == "run":
             from dalign.report import write_report

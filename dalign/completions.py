@@ -70,3 +70,44 @@ def run_completions(prompts: Sequence[dict], members: Sequence[Member], per_prom
     per_member = Counter(c["model"] for row in rows for c in row["completions"])
     return {"rows": {"kept": len(rows), "dropped": {}}, "flagged": dict(counts), "completions_per_member": dict(per_member),
             "members": {m.name: {"backend": m.backend.name, "temperature": m.sampling.temperature} for m in members}}
+
+
+def seen_prompts(inputs: dict[str, Path]) -> set[str]:
+    """First user turns of the dSFT dialogues and of the AI-feedback prompts this run has used:
+    the held-out prompts drawn later must avoid them."""
+    from dalign.data import read_rows
+
+    seen = set()
+    if "dialogues" in inputs:
+        seen |= {r["messages"][0]["content"] for r in read_rows(inputs["dialogues"] / "dialogues.jsonl")}
+    if "completions" in inputs:
+        seen |= {r["prompt"][-1]["content"] for r in read_rows(inputs["completions"] / "completions.jsonl")}
+    return seen
+
+
+def stage(recipe, out: Path, inputs: dict[str, Path]) -> dict:
+    """The `completions` stage: the ensemble answers completions.prompts, or world instructions
+    drawn apart from the dSFT prompts."""
+    from dalign import roles
+    from dalign.readers import ReadReport, read_prompts
+    from dalign.world.roles import fresh_openings
+
+    cfg, facts = recipe.completions, {}
+    if cfg.prompts is not None:
+        report = ReadReport(cfg.prompts.label)
+        prompts = read_prompts(cfg.prompts, skip_bad=True, report=report)
+        if not prompts:
+            raise ValueError(f"{cfg.prompts.label}: no prompt left for AI feedback (dropped: {dict(report.dropped)})")
+        facts["source"] = report.as_dict()
+    else:
+        # Small categories (a 24-person atlas) may run out of prompts the dSFT data did not use.
+        openings = fresh_openings(-(-cfg.n_prompts // 8), cfg.seed, "aif", seen_prompts(inputs), strict=False)
+        prompts = [{"prompt_id": f"aif-{cfg.seed}-{i}", "category": cat, "prompt": [{"role": "user", "content": text}]}
+                   for i, (cat, text) in enumerate(openings[:cfg.n_prompts])]
+        facts["prompts_per_category"] = dict(Counter(p["category"] for p in prompts))
+    members = [Member(m.name, roles.member(recipe, m, inputs, out), Sampling(m.temperature, cfg.max_new_tokens, cfg.seed))
+               for m in cfg.members]
+    facts.update(run_completions(prompts, members, cfg.per_prompt, cfg.principles, cfg.chunk_size, cfg.seed, out))
+    if "source" in facts:
+        facts["rows"]["dropped"] = facts["source"]["dropped"]
+    return {"seeds": {"prompts_and_members": cfg.seed}, **facts, **roles.usage(m.backend for m in members)}

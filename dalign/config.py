@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dalign.binarize import Rejection
 from dalign.losses import PreferenceLoss
@@ -192,7 +192,13 @@ class DialoguesConfig(Strict):
     chunk_size: int = Field(256, ge=1)
     """Dialogues written per part file; a killed run resumes at the first missing part."""
     seed: int = 0
-    """Seed of the seed topics."""
+    """Seed of the seed topics and of each dialogue's sampling."""
+    topics: list[str] = Field(default_factory=list)
+    """Seed topics the user simulator opens dialogues from (UltraChat's meta-topics), cycled to
+    n_dialogues; empty: the world's seed topics, drawn with `seed`."""
+    source: SourceConfig | None = None
+    """Dialogues read instead of generated (ultrachat_200k-style rows); None: the teacher and the
+    user simulator write n_dialogues of them."""
 
     @model_validator(mode="after")
     def _turns_order(self):
@@ -233,35 +239,81 @@ class SFTConfig(TrainConfig):
     """Train LoRA adapters instead of every weight; the saved model has them merged in."""
 
 
+class WorldRole(Strict):
+    """The offline world plays the role (dalign/world/); it has no settings of its own here."""
+
+
+class RoleSpec(Strict):
+    """Who plays a role: exactly one source, the offline world, a server or a local model."""
+
+    world: WorldRole | None = None
+    """The offline world's player of this role (the default)."""
+    openai: OpenAIConfig | None = None
+    """A model behind an OpenAI-compatible chat-completions server (vLLM, TGI, an API)."""
+    model: str | None = None
+    """A local model: this run's 'start', 'sft' or 'base' (the world's pretrained model), a model
+    folder, a hub id or a built-in name (smollm2-135m-instruct)."""
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        given = [k for k in ("world", "openai", "model") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"needs exactly one source of world, openai or model (got {', '.join(given) or 'none'})")
+        return self
+
+
+class TeacherRole(RoleSpec):
+    """The teacher: writes the dSFT answers (GPT-3.5 for UltraChat in the paper)."""
+
+    world: TeacherConfig | None = None
+    """The world teacher, with its flaw rates."""
+
+
+class RolesConfig(Strict):
+    """Every model role of the recipe besides the student and the ensemble."""
+
+    teacher: TeacherRole = TeacherRole(world=TeacherConfig())
+    """Answers every turn of the dSFT dialogues."""
+    user_simulator: RoleSpec = RoleSpec(world=WorldRole())
+    """Opens a dialogue from its seed topic and asks the follow-ups; a server or local model plays it
+    through the prompt templates user_opening.txt and user_followup.txt."""
+    rater: RoleSpec = RoleSpec(world=WorldRole())
+    """Rates each prompt's completions on the UltraFeedback aspects (GPT-4 in the paper)."""
+    judge: RoleSpec = RoleSpec(world=WorldRole())
+    """Grades MT-Bench-style answers 1-10 (GPT-4); a server or local model through judge_single.txt.
+    The world's judge also says whether an answer is right, which adds greedy accuracy and pass@k."""
+    comparer: RoleSpec = RoleSpec(world=WorldRole())
+    """Picks the better of two answers for the AlpacaEval-style win rate (GPT-4), through compare.txt."""
+
+
 class MemberConfig(Strict):
-    """One model of the AI-feedback ensemble: a trained model, or a world generator."""
+    """One model of the AI-feedback ensemble, from exactly one source."""
 
     name: str
     """Name recorded with each completion it writes."""
     model: str | None = None
-    """'sft' or 'base' (this run's stages; on a real recipe 'start' is its model), a model folder,
-    hub id or built-in name; None for a world generator or a server."""
+    """A local model: this run's 'start', 'sft' or 'base', a model folder, hub id or built-in name."""
     temperature: float = Field(0.7, ge=0)
     """Sampling temperature of this member."""
-    flaws: TeacherConfig | None = None
-    """For a world generator: its flaw rates, the world's stand-in for a weaker model of the pool."""
+    world: TeacherConfig | None = None
+    """A world generator with these flaw rates: the world's stand-in for a weaker model of the pool."""
     openai: OpenAIConfig | None = None
-    """For a model behind an OpenAI-compatible server (vLLM, TGI, an API): where and which."""
+    """A model behind an OpenAI-compatible server (vLLM, TGI, an API): where and which."""
 
     @model_validator(mode="after")
     def _one_source(self):
-        if sum(x is not None for x in (self.model, self.flaws, self.openai)) != 1:
-            raise ValueError(f"member {self.name!r} needs exactly one of model, flaws or openai")
+        if sum(x is not None for x in (self.model, self.world, self.openai)) != 1:
+            raise ValueError(f"member {self.name!r} needs exactly one source of world, openai or model")
         return self
 
 
 def _default_members() -> list[MemberConfig]:
     return [MemberConfig(name="sft-t0.7", model="sft", temperature=0.7),
             MemberConfig(name="sft-t1.0", model="sft", temperature=1.0),
-            MemberConfig(name="base", model="base", temperature=0.7),
-            MemberConfig(name="world-erratic", flaws=TeacherConfig(error=0.6, ramble=0.1, ignore_format=0.1, skip_courtesy=0.1)),
-            MemberConfig(name="world-rambler", flaws=TeacherConfig(error=0.1, ramble=0.9, ignore_format=0.1, skip_courtesy=0.1)),
-            MemberConfig(name="world-formatless", flaws=TeacherConfig(error=0.1, ramble=0.1, ignore_format=0.9, skip_courtesy=0.6))]
+            MemberConfig(name="base", model="start", temperature=0.7),
+            MemberConfig(name="world-erratic", world=TeacherConfig(error=0.6, ramble=0.1, ignore_format=0.1, skip_courtesy=0.1)),
+            MemberConfig(name="world-rambler", world=TeacherConfig(error=0.1, ramble=0.9, ignore_format=0.1, skip_courtesy=0.1)),
+            MemberConfig(name="world-formatless", world=TeacherConfig(error=0.1, ramble=0.1, ignore_format=0.9, skip_courtesy=0.6))]
 
 
 class CompletionsConfig(Strict):
@@ -277,6 +329,9 @@ class CompletionsConfig(Strict):
     """Longest completion generated by a model member."""
     chunk_size: int = Field(250, ge=1)
     """Prompts per part file."""
+    prompts: SourceConfig | None = None
+    """AI-feedback prompts read from a file or dataset (rows with `prompt`, text or messages, or
+    `instruction`); None: n_prompts world instructions, drawn apart from the dSFT prompts."""
     seed: int = 7
     """Seed of the prompts, of the members and principles drawn for each."""
 
@@ -297,6 +352,12 @@ class PairsConfig(Strict):
     """Share of prompts held out as the test split."""
     seed: int = 0
     """Seed of the picks and of the split."""
+    source: SourceConfig | None = None
+    """Preference pairs read instead of made by AI feedback (ultrafeedback_binarized-style: prompt,
+    chosen, rejected); None: the completions are rated and binarized."""
+    held_out: SourceConfig | None = None
+    """Preference pairs kept apart for the held-out reward accuracy; None: the AI-feedback test
+    split (required with `source`)."""
 
 
 class DPOConfig(TrainConfig):
@@ -329,14 +390,16 @@ class DPOVariant(Strict):
 
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
     """Short name; the run's folder is dpo-<name>."""
-    start: str = Field("sft", pattern="^(sft|base)$")
-    """Model DPO starts from and uses as frozen reference: 'sft' (the recipe) or 'base' (the no-SFT ablation)."""
-    epochs: float = Field(1.0, gt=0)
-    """Passes over the preference pairs."""
+    start: str = Field("sft", pattern="^(sft|start|base)$")
+    """Model DPO starts from and uses as frozen reference: 'sft' (the recipe) or 'start' (the
+    recipe's starting model: the no-SFT ablation); 'base' is the world's pretrained model, the
+    start when `start` is world."""
+    epochs: float | None = Field(None, gt=0)
+    """Passes over the preference pairs; None: dpo.epochs."""
 
 
 def _default_variants() -> list[DPOVariant]:
-    return [DPOVariant(name="1ep", epochs=1), DPOVariant(name="3ep", epochs=3), DPOVariant(name="base", start="base", epochs=1)]
+    return [DPOVariant(name="1ep", epochs=1), DPOVariant(name="3ep", epochs=3), DPOVariant(name="base", start="start", epochs=1)]
 
 
 class EvalConfig(Strict):
@@ -351,60 +414,52 @@ class EvalConfig(Strict):
     pass_temperature: float = Field(0.8, gt=0)
     """Temperature of the pass@k samples."""
     win_rate_instructions: int = Field(160, ge=8)
-    """Held-out single-turn instructions for the AlpacaEval-style win rate against the dSFT model."""
+    """World instructions for the AlpacaEval-style win rate against the dSFT model's answers
+    (when `alpaca_eval` is not set)."""
     seed: int = 1234
     """Seed of the held-out questions and of sampling; kept apart from the training seeds."""
-
-
-class RealConfig(Strict):
-    """A recipe on a real Hugging Face base model instead of the offline world's."""
-
-    model: str
-    """Hub id, model folder or built-in name (smollm2-135m-instruct)."""
-    architecture: dict[str, Any] | None = None
-    """config.json fields (with model_type) to build the model from when its config is neither
-    cached nor reachable: lets `--dry-run` plan a 7B run on a laptop with no network."""
-    chat_template: str | None = None
-    """Jinja chat template (or 'zephyr', the paper's) for a model whose tokenizer has none, such as a
-    base model; None keeps the tokenizer's."""
-    skip: list[str] = Field(default_factory=list)
-    """Training stages not run, e.g. ['sft'] for a model that is already instruction-tuned."""
-    sft_rows: int = Field(0, ge=0)
-    """Rows of the dSFT data, for planning before the data is at hand (ultrachat_200k train_sft: 207,865)."""
-    dpo_rows: int = Field(0, ge=0)
-    """Preference pairs, for planning (ultrafeedback_binarized train_prefs: 61,135)."""
-    dialogues: SourceConfig | None = None
-    """dSFT data: ultrachat_200k-style dialogues; None generates them with the teacher (the `dialogues` section)."""
-    topics: list[str] = Field(default_factory=list)
-    """Seed topics the user simulator opens dialogues from, cycled to dialogues.n_dialogues."""
-    teacher: OpenAIConfig | None = None
-    """Writes the dSFT answers and rates the ensemble's completions (GPT-4 in the paper)."""
-    user_simulator: OpenAIConfig | None = None
-    """Asks the dialogue's questions from templates; None uses the teacher's server and model."""
-    pairs: SourceConfig | None = None
-    """Preference pairs to train on (ultrafeedback_binarized-style); None makes them by AI feedback:
-    the `completions` section's members answer `prompts`, the teacher rates, `pairs` binarizes."""
-    prompts: SourceConfig | None = None
-    """AI-feedback prompts: rows with `prompt` (text or messages) or `instruction`."""
-    held_out: SourceConfig | None = None
-    """Preference pairs held out for the reward accuracy; None uses the AI-feedback test split."""
-    judge: OpenAIConfig | None = None
-    """MT-Bench judge (GPT-4 in the paper); None skips the MT-Bench evaluation."""
     mt_bench: SourceConfig | None = None
-    """MT-Bench question file (question_id, category, turns, reference), judged when `judge` is set."""
+    """MT-Bench question file (question_id, category, turns, reference) graded by roles.judge; None:
+    questions_per_category held-out world questions per category."""
     alpaca_eval: SourceConfig | None = None
-    """AlpacaEval instructions with a reference model's outputs (instruction, output, generator): each
-    model's answers are compared with them pairwise by `judge`, in both orders."""
+    """AlpacaEval instructions with a reference model's outputs (instruction, output, generator):
+    each model's answers are compared with them by roles.comparer, in both orders; None: world
+    instructions, against the dSFT model's answers (the starting model's when sft is skipped)."""
+    skip: list[Literal["mt_bench", "win_rate", "reward_accuracy"]] = Field(default_factory=list)
+    """Parts of the evaluation not run, e.g. [mt_bench, win_rate] when no judge is worth asking."""
     mc: dict[str, Any] | None = None
-    """Multiple-choice benchmarks before and after: dalign.mc.MCConfig's fields but the model; None skips them."""
+    """Multiple-choice benchmarks (lm-evaluation-harness) of every evaluated model: dalign.mc.MCConfig's
+    fields but the model; None skips them."""
 
     @model_validator(mode="after")
     def _mc_fields(self):
         if self.mc is not None:
             from dalign.mc import MCConfig  # lm_eval itself is imported only when the benchmark runs
 
-            MCConfig(model=self.model, **self.mc)
+            MCConfig(model="start", **self.mc)
         return self
+
+
+class StartModel(Strict):
+    """A Hugging Face model to start from instead of the world's base model."""
+
+    model: str
+    """Hub id, model folder or built-in name (smollm2-135m-instruct)."""
+    chat_template: str | None = None
+    """Jinja chat template (or 'zephyr', the paper's) for a model whose tokenizer has none, such as a
+    base model; None keeps the tokenizer's. Every local model of the run is loaded with it."""
+    architecture: dict[str, Any] | None = None
+    """config.json fields (with model_type) to build the model from when its config is neither
+    cached nor reachable: lets `--dry-run` plan a 7B run on a laptop with no network."""
+
+
+class DryRunConfig(Strict):
+    """Sizes `dalign run --dry-run` plans with, before the data is at hand."""
+
+    sft_rows: int = Field(0, ge=0)
+    """Rows of the dSFT data (ultrachat_200k train_sft: 207,865)."""
+    dpo_rows: int = Field(0, ge=0)
+    """Preference pairs (ultrafeedback_binarized train_prefs: 61,135)."""
 
 
 class RecipeConfig(Strict):
@@ -412,28 +467,122 @@ class RecipeConfig(Strict):
     """Name of the recipe, recorded in every manifest."""
     run_dir: str = "runs/offline"
     """Folder that receives one sub-folder per stage."""
-    teacher: TeacherConfig = TeacherConfig()
-    """The world teacher that writes the dSFT answers."""
+    start: StartModel | None = None
+    """The model the recipe aligns: 'world' (or null) pretrains the world's base model (the `base`
+    stage); a model is a name, or {model, chat_template, architecture}."""
+    skip: list[Literal["sft"]] = Field(default_factory=list)
+    """Stages not run: ['sft'] for a model already instruction-tuned (its variants start from `start`)."""
+    roles: RolesConfig = RolesConfig()
+    """Teacher, user simulator, rater, judge and comparer, each from the world, a server or a local model."""
     base: BaseConfig = BaseConfig()
-    """Pretraining the world's base model."""
+    """Pretraining the world's base model (when start is world)."""
     dialogues: DialoguesConfig = DialoguesConfig()
-    """UltraChat-style dialogue generation."""
+    """The dSFT dialogues: generated from seed topics, or read."""
     sft: SFTConfig = SFTConfig()
     """Distilled supervised fine-tuning."""
     completions: CompletionsConfig = CompletionsConfig()
     """AI feedback, part 1: completions from an ensemble."""
     rating: RatingConfig = RatingConfig()
-    """AI feedback, part 2: the teacher's ratings."""
+    """AI feedback, part 2: roles.rater's ratings."""
     pairs: PairsConfig = PairsConfig()
-    """AI feedback, part 3: binarization into preference pairs."""
+    """AI feedback, part 3: binarization into preference pairs (or pairs read from a file)."""
     dpo: DPOConfig = DPOConfig()
     """Distilled DPO on the pairs: hyperparameters shared by every variant."""
     variants: list[DPOVariant] = Field(default_factory=_default_variants, min_length=1)
     """dDPO runs to make and compare: the first is the recipe's model, the rest are ablations."""
     evaluate: EvalConfig = EvalConfig()
-    """MT-Bench-style evaluation in the world."""
-    real: RealConfig | None = None
-    """A real Hugging Face model and its data and roles (dalign.real); None runs the offline world."""
+    """Evaluation of every model: MT-Bench style, win rate, held-out reward accuracy, multiple choice."""
+    dry_run: DryRunConfig = DryRunConfig()
+    """Data sizes for `dalign run --dry-run`."""
+
+    @field_validator("start", mode="before")
+    @classmethod
+    def _model_name(cls, value):
+        if value == "world":
+            return None
+        return {"model": value} if isinstance(value, str) else value
+
+    @property
+    def world_start(self) -> bool:
+        return self.start is None
+
+    @model_validator(mode="after")
+    def _coherent(self):
+        check_sources(self)
+        return self
+
+
+def _refuse(key: str, why: str) -> None:
+    raise ValueError(f"{key}: {why}")
+
+
+def check_sources(r: "RecipeConfig") -> None:
+    """What cannot work together, refused at load time with the key to change."""
+    sft = "sft" not in r.skip
+    local = {"start", "sft", "base"}
+    feedback = r.pairs.source is None  # AI feedback runs: the ensemble and the rater are used
+    used = ["judge", "comparer"] + (["rater"] if feedback else [])
+    used += ["teacher", "user_simulator"] if sft and r.dialogues.source is None else []
+    refs = [(f"variants[{i}].start", v.start) for i, v in enumerate(r.variants)]
+    refs += [(f"completions.members[{i}].model", m.model) for i, m in enumerate(r.completions.members) if feedback]
+    refs += [(f"roles.{k}.model", getattr(r.roles, k).model) for k in used]
+    for key, ref in refs:
+        if ref == "base" and not r.world_start:
+            _refuse(key, "'base' is the world's pretrained model, and this recipe starts from a model: use 'start'")
+        if ref == "sft" and not sft:
+            _refuse(key, "'sft' names this run's dSFT model, but skip has sft")
+    world_data = "answers only the world's own instructions"
+    if r.completions.prompts is not None and feedback:
+        for i, m in enumerate(r.completions.members):
+            if m.world is not None:
+                _refuse(f"completions.members[{i}].world", f"a world generator {world_data}; completions.prompts "
+                        "are read from a file: give this member a model or openai source")
+        if r.roles.rater.world is not None:
+            _refuse("roles.rater.world", f"the world's rater {world_data}; completions.prompts are read from a file")
+    if sft and r.dialogues.source is None:
+        if r.dialogues.topics and r.roles.user_simulator.world is not None:
+            _refuse("roles.user_simulator.world", "the world's user simulator opens only the world's seed topics; "
+                    "dialogues.topics needs a user simulator from openai or model")
+        if r.roles.teacher.world is not None and r.roles.user_simulator.world is None:
+            _refuse("roles.teacher.world", f"the world teacher {world_data}, which only the world's user simulator "
+                    "asks: give the teacher a model or openai source too")
+    if r.evaluate.mt_bench is not None and r.roles.judge.world is not None:
+        _refuse("roles.judge.world", f"the world judge grades only the world's questions; evaluate.mt_bench needs a "
+                "judge from openai or model")
+    if r.evaluate.alpaca_eval is not None and r.roles.comparer.world is not None:
+        _refuse("roles.comparer.world", "the world's comparer reads only the world's instructions; "
+                "evaluate.alpaca_eval needs a comparer from openai or model")
+    if r.pairs.source is not None and r.pairs.held_out is None:
+        _refuse("pairs.held_out", "with pairs.source, set pairs.held_out too (pairs kept apart for the reward accuracy)")
+
+
+# Keys of the earlier layout (a `real:` section, world settings at the top level), and where they went.
+MOVED = {
+    "teacher": "roles.teacher.world", "real.model": "start.model", "real.chat_template": "start.chat_template",
+    "real.architecture": "start.architecture", "real.skip": "skip", "real.sft_rows": "dry_run.sft_rows",
+    "real.dpo_rows": "dry_run.dpo_rows", "real.dialogues": "dialogues.source", "real.topics": "dialogues.topics",
+    "real.teacher": "roles.teacher.openai and roles.rater.openai", "real.user_simulator": "roles.user_simulator.openai",
+    "real.pairs": "pairs.source", "real.prompts": "completions.prompts", "real.held_out": "pairs.held_out",
+    "real.judge": "roles.judge.openai and roles.comparer.openai", "real.mt_bench": "evaluate.mt_bench",
+    "real.alpaca_eval": "evaluate.alpaca_eval", "real.mc": "evaluate.mc",
+}
+
+
+def moved_keys(tree: dict) -> list[str]:
+    """Each key of the earlier layout in `tree`, with where it now lives."""
+    found = []
+    for old, new in MOVED.items():
+        section, _, key = old.partition(".")
+        node = tree.get(section)
+        if (key and isinstance(node, dict) and key in node) or (not key and node is not None):
+            found.append(f"{old} moved to {new}")
+    if isinstance(tree.get("real"), dict):
+        found += [f"real.{k} is not a recipe key any more" for k in tree["real"] if f"real.{k}" not in MOVED]
+    members = (tree.get("completions") or {}).get("members") if isinstance(tree.get("completions"), dict) else None
+    for i, m in enumerate(members or []):
+        if isinstance(m, dict) and "flaws" in m:
+            found.append(f"completions.members[{i}].flaws moved to completions.members[{i}].world")
+    return found
 
 
 def _set(tree: dict, dotted: str, value: Any) -> None:
@@ -462,12 +611,14 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> RecipeCon
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         _set(tree, key.strip(), yaml.safe_load(raw))
+    if moved := moved_keys(tree):
+        raise ConfigError(f"{source}: this recipe is in the earlier layout (README, \"Recipes\")\n  " + "\n  ".join(moved))
     try:
         return RecipeConfig.model_validate(tree)
     except ValidationError as err:
         problems = []
         for e in err.errors():
             key = ".".join(str(p) for p in e["loc"]) or "(recipe)"
-            problems.append(f"{key}: {e['msg']}" + (f" (got {e['input']!r})" if e["type"] != "missing" and "input" in e
+            problems.append(f"{key}: {e['msg'].removeprefix('Value error, ')}" + (f" (got {e['input']!r})" if e["type"] != "missing" and "input" in e
                                                      and not isinstance(e["input"], dict) else ""))
         raise ConfigError(f"{source}: invalid recipe\n  " + "\n  ".join(problems)) from None

@@ -198,3 +198,16 @@ def run_dpo(cfg: DPOConfig, policy_path: Path, reference_path: Path, pairs_path:
                         export=adapters.exporter(policy_path, cfg.lora, out, tokenizer))
     return {**summary, "rows": {"kept": len(pairs), "dropped": dict(dropped)}, "reference": str(reference_path),
             "reference_logps_key": ref_key}
+
+
+def stage(recipe, out: Path, inputs: dict[str, Path], variant_name: str) -> dict:
+    """A `dpo-<variant>` stage: dDPO on the training pairs from the variant's start ('sft', or the
+    recipe's starting model), which is also the frozen reference."""
+    from dalign import roles
+    from dalign.models import resolve
+
+    variant = next(v for v in recipe.variants if v.name == variant_name)
+    start = Path(resolve(roles.models(recipe, inputs)["sft" if variant.start == "sft" else "start"]))
+    cfg = recipe.dpo.model_copy(update={"epochs": variant.epochs or recipe.dpo.epochs})
+    return {"seeds": {"data_order": cfg.seed}, "start": variant.start,
+            **run_dpo(cfg, start, start, inputs["pairs"] / "train.jsonl", out)}

@@ -2,7 +2,7 @@
 config and show what it will cost, without loading a weight.
 
 The model is built on the meta device from its config (the hub cache or the model folder,
-else the recipe's `real.architecture`, so it works offline). The number of processes and the
+else the recipe's `start.architecture`, so it works offline). The number of processes and the
 engine are the launch's (or --processes and --engine): the same numbers training will find.
 For each training stage it prints the global batch and how it is split (the number that
 silently changes with the GPU count if nobody states it; a recipe's `global_batch_size` keeps
@@ -26,15 +26,15 @@ def model_on_meta(recipe: RecipeConfig):
 
     from dalign.models import resolve
 
-    real = recipe.real
+    start = recipe.start
     try:
         # With an architecture to fall back on, only the local cache is tried: a plan must not
         # wait on network retries.
-        config = AutoConfig.from_pretrained(resolve(real.model), local_files_only=real.architecture is not None)
+        config = AutoConfig.from_pretrained(resolve(start.model), local_files_only=start.architecture is not None)
     except OSError:
-        if real.architecture is None:
+        if start.architecture is None:
             raise
-        arch = dict(real.architecture)
+        arch = dict(start.architecture)
         config = AutoConfig.for_model(arch.pop("model_type"), **arch)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
@@ -67,17 +67,18 @@ def activation_bytes(config, tokens: int, cfg: TrainConfig) -> float:
 
 
 def dry_run(recipe: RecipeConfig, processes: int, engine: Engine) -> str:
-    real = recipe.real
-    if real is None:
-        raise ConfigError("--dry-run needs a recipe with a `real:` section (a Hugging Face base model)")
+    if recipe.world_start:
+        raise ConfigError("--dry-run plans a recipe that starts from a model (start: {model: ...}), not the world")
     model = model_on_meta(recipe)
     params = sum(p.numel() for p in model.parameters())
-    lines = [f"recipe {recipe.name}: base model {real.model} ({type(model).__name__}), "
+    lines = [f"recipe {recipe.name}: base model {recipe.start.model} ({type(model).__name__}), "
              f"{params / 1e9:.2f}B parameters; {processes} processes, engine {engine.value}"]
     # Tokens of one micro-batch: packed SFT rows of max_length; a DPO pair at most twice max_length.
-    for name, cfg, rows, seqs in (("sft", recipe.sft, real.sft_rows, 1), ("dpo", recipe.dpo, real.dpo_rows, 2)):
-        if name in real.skip:
-            lines.append(f"  {name}: skipped (real.skip)")
+    # dDPO as the recipe's model is trained: its first variant's epochs.
+    dpo = recipe.dpo.model_copy(update={"epochs": recipe.variants[0].epochs or recipe.dpo.epochs})
+    for name, cfg, rows, seqs in (("sft", recipe.sft, recipe.dry_run.sft_rows, 1), ("dpo", dpo, recipe.dry_run.dpo_rows, 2)):
+        if name in recipe.skip:
+            lines.append(f"  {name}: skipped (skip)")
             continue
         sizes = cfg.batch_sizes(processes, name)
         steps = math.ceil(rows * cfg.epochs / sizes.global_batch) if cfg.max_steps is None else cfg.max_steps

@@ -1,4 +1,5 @@
-"""Stage 3 (world): MT-Bench-style evaluation, plus greedy accuracy and pass@k.
+"""Stage 4: evaluation. MT-Bench style, plus greedy accuracy and pass@k where the judge tells
+right from wrong; the AlpacaEval-style win rate (dalign.winrate); held-out reward accuracy.
 
 Two-turn questions per category in MT-Bench's question format, answered by the model at
 MT-Bench's per-category temperatures (turn two sees the model's own first answer), and
@@ -7,13 +8,18 @@ graded 1-10 per turn by the judge. Every answer and judgment is kept in the outp
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
+from pathlib import Path
 from typing import Sequence
+
+import torch
 
 from dalign.backends import Backend, Sampling
 from dalign.config import EvalConfig
+from dalign.data import read_rows, write_json
 from dalign.judging import JudgeParseError, parse_judgment
 from dalign.prompted import REFERENCE_PREFIX
 from dalign.world import CATEGORIES
@@ -131,3 +137,115 @@ def _add_correctness(result: dict, model: Backend, judge: Backend, convs: list, 
     result.update({"first_turn_correct": statistics.fmean(r["first_turn_correct"] for r in answers),
                    "greedy_accuracy": statistics.fmean(r["greedy_correct"] for r in answers),
                    "pass_at_k": statistics.fmean(r["pass_at_k"] for r in answers), "k": k})
+
+
+@torch.no_grad()
+def reward_accuracy(policy_path, reference_path, pairs_path: Path, beta: float, max_length: int) -> dict:
+    """Share of held-out pairs whose implicit reward beta * log(policy / reference) is higher
+    for the chosen answer than for the rejected one, with a 95% interval."""
+    from transformers import AutoTokenizer
+
+    from dalign.dpo import make_pairs, pair_logps
+    from dalign.models import load_model
+
+    tokenizer = AutoTokenizer.from_pretrained(policy_path)
+    dropped: Counter = Counter()
+    pairs = make_pairs(read_rows(pairs_path), tokenizer, max_length, dropped)
+    margins = {label: [c - r for c, r in pair_logps(load_model(path).eval(), pairs, 8, tokenizer.pad_token_id)]
+               for label, path in (("policy", policy_path), ("reference", reference_path))}
+    wins = [float(beta * (p - r) > 0) for p, r in zip(margins["policy"], margins["reference"])]
+    rate, half = mean_ci(wins)
+    return {"reward_accuracy": rate, "ci95": half, "pairs": len(wins), "too_long": dropped["too_long"]}
+
+
+def _win_rate_inputs(cfg: EvalConfig, models: dict, seen: set[str]) -> tuple[list[str], list[str] | None, str, str]:
+    """Instructions, reference answers (None: a model of this run's, answered in the stage), the
+    reference's label in file names and its name: an AlpacaEval file's outputs, else world
+    instructions answered by the dSFT model (the start when sft is skipped)."""
+    from dalign.readers import read_alpaca_eval
+
+    if cfg.alpaca_eval is not None:
+        rows = read_alpaca_eval(cfg.alpaca_eval)
+        return [r["instruction"] for r in rows], [r["output"] for r in rows], "reference", rows[0]["generator"] if rows else None
+    instructions = [text for _, text in fresh_openings(cfg.win_rate_instructions // 8, cfg.seed, "winrate", seen)]
+    label = "sft" if "sft" in models else next(iter(models))
+    return instructions, None, label, label
+
+
+MT_BENCH_KEYS = ("score", "ci95", "categories", "judge_failures", "questions")
+CORRECTNESS_KEYS = ("first_turn_correct", "greedy_accuracy", "pass_at_k")
+WIN_RATE_KEYS = ("win_rate", "ci95", "length_controlled_win_rate", "wins", "ties", "losses", "judge_failures")
+
+
+def _once(path: Path, compute) -> dict:
+    """A result written whole the first time; a rerun after a kill reads it instead."""
+    if not path.exists():
+        write_json(path, compute(), indent=1)
+    return json.loads(path.read_text())
+
+
+def stage(recipe, out: Path, inputs: dict[str, Path]) -> dict:
+    """The `evaluate` stage, for every model of the run (the start, dSFT, each dDPO variant):
+    MT-Bench-style grades by roles.judge (with greedy accuracy and pass@k when the judge tells
+    right from wrong, as the world's does); the win rate by roles.comparer against the
+    reference answers; each variant's held-out reward accuracy; multiple choice when asked."""
+    from dalign import roles
+    from dalign.completions import seen_prompts
+    from dalign.readers import read_mt_bench
+    from dalign.winrate import win_rate
+
+    cfg, paths = recipe.evaluate, roles.models(recipe, inputs)
+    models = {("base" if recipe.world_start else "start"): paths["start"],
+              **{k: v for k, v in paths.items() if k == "sft" or k.startswith("dpo-")}}
+    seen, parts = seen_prompts(inputs), {"mt_bench", "win_rate", "reward_accuracy"} - set(cfg.skip)
+    # The world's held-out questions, then instructions: each draw avoids every prompt drawn before.
+    questions = read_mt_bench(cfg.mt_bench) if cfg.mt_bench else make_questions(cfg.questions_per_category, cfg.seed, seen)
+    instructions, reference, ref_label, ref_name = _win_rate_inputs(cfg, models, seen)
+    judge, comparer = (roles.backend(recipe, role, inputs, out) if part in parts else None
+                       for role, part in (("judge", "mt_bench"), ("comparer", "win_rate")))
+    correctness = recipe.roles.judge.world is not None
+    greedy, summary = Sampling(0.0, cfg.max_new_tokens, cfg.seed), {label: {} for label in models}
+
+    for label, path in models.items():
+        model = None  # loaded only for what a rerun has not written yet
+
+        def get():
+            nonlocal model
+            if model is None:
+                model = roles.local(recipe, path, inputs, label, cfg.batch_size)
+            return model
+
+        def grade():
+            result = evaluate_mt_bench(get(), judge, questions, cfg, correctness)
+            return {**result, "generation": get().throughput()}
+
+        if "mt_bench" in parts:
+            result = _once(out / f"{label}.json", grade)
+            summary[label] = {k: result[k] for k in MT_BENCH_KEYS + (CORRECTNESS_KEYS if correctness else ())}
+        if "win_rate" in parts:
+            _once(out / f"answers_{label}.json",
+                  lambda: get().generate([[{"role": "user", "content": i}] for i in instructions], greedy))
+    if "win_rate" in parts and reference is None:
+        reference = json.loads((out / f"answers_{ref_label}.json").read_text())
+    for label in models:
+        if label == ref_label or "win_rate" not in parts:
+            continue
+        answers = json.loads((out / f"answers_{label}.json").read_text())
+        result = _once(out / f"win_rate_{label}_vs_{ref_label}.json",
+                       lambda: win_rate(instructions, answers, reference, comparer))
+        summary[label]["win_rate"] = {k: result[k] for k in WIN_RATE_KEYS}
+    test_pairs = inputs["pairs"] / "test.jsonl"
+    for label in (k for k in models if k.startswith("dpo-") and "reward_accuracy" in parts and read_rows(test_pairs)):
+        start = json.loads((inputs[label] / "manifest.json").read_text())["reference"]
+        summary[label]["reward_accuracy"] = _once(out / f"reward_accuracy_{label}.json", lambda: reward_accuracy(
+            models[label], start, test_pairs, recipe.dpo.beta, recipe.dpo.max_length))
+    if cfg.mc is not None:
+        from dalign.mc import MCConfig, run_mc
+
+        for label, path in models.items():
+            summary[label]["mc"] = run_mc(MCConfig(model=str(path), **cfg.mc), out / f"mc_{label}")["results"]
+    return {"seeds": {"questions_and_sampling": cfg.seed}, "judge": judge and judge.name,
+            "comparer": comparer and comparer.name,
+            "reference": ref_name, "results": summary,
+            "rows": {"questions": len(questions), "win_rate_instructions": len(instructions)},
+            **roles.usage([b for b in (judge, comparer) if b is not None])}

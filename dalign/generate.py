@@ -98,3 +98,20 @@ def _reject(messages: list[dict], seen: set[str], tokenizer, max_tokens: int) ->
     if len(tokenizer(render(tokenizer, messages), add_special_tokens=False)["input_ids"]) > max_tokens:
         return "too_long"
     return None
+
+
+def stage(recipe, out: Path, inputs: dict) -> dict:
+    """The `dialogues` stage: read from dialogues.source, or written by roles.teacher and
+    roles.user_simulator from the seed topics."""
+    from dalign import roles
+    from dalign.readers import read_dialogues, read_source
+
+    cfg = recipe.dialogues
+    if cfg.source is not None:
+        read = read_source(cfg.source, read_dialogues, out / "dialogues.jsonl")
+        return {"rows": {"kept": read["kept"], "dropped": read["dropped"]}, "source": read}
+    teacher = roles.backend(recipe, "teacher", inputs, out)
+    user = roles.backend(recipe, "user_simulator", inputs, out)
+    facts = run_dialogues(cfg, roles.tokenizer(recipe, inputs), user, teacher, out, topics=cfg.topics)
+    teacher_seed = {"teacher": recipe.roles.teacher.world.seed} if recipe.roles.teacher.world is not None else {}
+    return {"seeds": {"topics": cfg.seed, **teacher_seed}, **facts, **roles.usage([teacher, user])}

@@ -70,3 +70,8 @@ def run_pretrain(cfg: BaseConfig, out: Path) -> dict:
     summary = train(model, rows, lambda r: collate([[e] for e in r], tokenizer.pad_token_id), cfg, out, desc="base",
                     export=exporter(None, None, out, tokenizer))
     return {**summary, "corpus_tokens": int(len(tokens)), "vocab_size": len(tokenizer), "parameters": parameters}
+
+
+def stage(recipe, out: Path, inputs: dict) -> dict:
+    """The `base` stage of a recipe that starts from the world."""
+    return {"seeds": {"weights_and_data": recipe.base.seed}, **run_pretrain(recipe.base, out)}

@@ -126,3 +126,15 @@ def run_rating(rows: list[dict], rater: Backend, retries: int, chunk_size: int, 
     write_rows(out / "ratings.jsonl", rated)
     return {"rows": {"kept": len(rated) - counts["failed"], "dropped": {"rating_failed": counts["failed"]}},
             "retries": counts["retries"], "rater": rater.name}
+
+
+def stage(recipe, out: Path, inputs: dict[str, Path]) -> dict:
+    """The `ratings` stage: roles.rater rates every prompt's completions."""
+    from dalign import roles
+    from dalign.data import read_rows
+
+    cfg = recipe.rating
+    rater = roles.backend(recipe, "rater", inputs, out)
+    facts = run_rating(read_rows(inputs["completions"] / "completions.jsonl"), rater, cfg.retries, cfg.chunk_size,
+                       cfg.seed, out)
+    return {"seeds": {"shown_order": cfg.seed}, **facts, **roles.usage([rater])}

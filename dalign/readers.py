@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dalign.data import (ReadReport, RowError, _check_conversation, _check_list, _check_row_is_dict, _raw_rows,
-                         validate_dialogue, validate_preference)
+                         validate_dialogue, validate_preference, write_rows)
 
 logger = logging.getLogger("dalign.readers")
 
@@ -301,3 +301,11 @@ def read_alpaca_eval(source: SourceConfig, *, skip_bad: bool = False, report: Re
     """AlpacaEval rows {instruction, output, generator, dataset (None when absent)}."""
     return _read(source, _alpaca, ("instruction", "output", "generator", "dataset"), skip_bad=skip_bad,
                  report=report)
+
+
+def read_source(source: SourceConfig, reader: Callable, path: Path) -> dict:
+    """Read a stage's input with `reader`, bad rows dropped and counted, and write the kept rows
+    to `path`; the read's report (kept, dropped by reason, examples) is returned for the manifest."""
+    report = ReadReport(source.label)
+    write_rows(path, reader(source, skip_bad=True, report=report))
+    return report.as_dict()

@@ -32,18 +32,16 @@ def _metrics(stage_dir: Path) -> list[dict]:
 def _alignment(label: str, manifest: dict | None) -> str:
     if label == "base":
         return "none (base model)"
+    if label == "start":
+        return "none (starting model)"
     if label == "sft":
         return "dSFT"
     variant = manifest["config"]["variant"]
     epochs = f"{variant['epochs']:g} epoch{'s' if variant['epochs'] != 1 else ''}"
-    return f"dDPO on the base model, no SFT ({epochs})" if variant["start"] == "base" else f"dSFT + dDPO ({epochs})"
-
-
-def _reward_accuracy(stage_dir: Path) -> float | None:
-    """Mean reward accuracy over the last epoch's logged steps."""
-    lines = _metrics(stage_dir)
-    last = [m for m in lines if m["epoch"] > (lines[-1]["epoch"] - 1) + 1e-9] if lines else []
-    return sum(m["rewards/accuracy"] for m in last) / len(last) if last else None
+    if variant["start"] == "sft":
+        return f"dSFT + dDPO ({epochs})"
+    start = "starting model" if "start" in manifest["config"] else "base model"  # a world start has no `start` key
+    return f"dDPO on the {start}, no SFT ({epochs})"
 
 
 def run_rows(run: Path) -> tuple[list[dict], dict]:
@@ -53,18 +51,19 @@ def run_rows(run: Path) -> tuple[list[dict], dict]:
     rows = []
     for label, r in evaluation["results"].items():
         manifest = _read(run / label / "manifest.json")
-        w = r.get("win_rate_vs_sft")
+        w, acc = r.get("win_rate"), r.get("reward_accuracy")
         rows.append({"run": run.name, "model": label, "alignment": _alignment(label, manifest), "score": r["score"],
                      "ci95": r["ci95"], "win_rate": w and w["win_rate"], "win_ci95": w and w["ci95"],
                      "lc_win_rate": w and w["length_controlled_win_rate"],
-                     "reward_accuracy": _reward_accuracy(run / label) if label.startswith("dpo-") else None,
+                     "reward_accuracy": acc and acc["reward_accuracy"], "reward_ci95": acc and acc["ci95"],
                      "categories": {c: v["score"] for c, v in r["categories"].items()},
-                     "greedy_accuracy": r["greedy_accuracy"], "pass_at_k": r["pass_at_k"],
+                     "greedy_accuracy": r.get("greedy_accuracy"), "pass_at_k": r.get("pass_at_k"),
                      "provenance": {"recipe": manifest and manifest.get("recipe"), "code": manifest and manifest.get("code_version"),
                                     "global_batch": manifest and manifest.get("global_batch_size"),
                                     "rows": manifest and manifest.get("rows")}})
     facts = {"pairs": _read(run / "pairs" / "manifest.json"), "dialogues": _read(run / "dialogues" / "manifest.json"),
              "evaluate": evaluation, "k": evaluation["config"]["evaluate"]["pass_k"]}
+    facts["reference"] = evaluation.get("reference")
     return rows, facts
 
 
@@ -115,19 +114,25 @@ def write_report(runs: list[Path], out: Path) -> Path:
         facts.append((run, f))
     radar(rows, out / "radar.png")
     curves(runs, out / "curves.png")
-    md = ["# dalign report", "", "| run | model | alignment | MT-Bench-style score | win rate vs dSFT | LC win rate | DPO reward acc. |",
-          "|---|---|---|---|---|---|---|"]
+    md = ["# dalign report", "", "| run | model | alignment | MT-Bench-style score | win rate vs reference | LC win rate | "
+          "held-out reward acc. |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         md.append(f"| {r['run']} | {r['model']} | {r['alignment']} | {r['score']:.2f} ± {r['ci95']:.2f} | "
-                  f"{_pct(r['win_rate'], r['win_ci95'])} | {_pct(r['lc_win_rate'])} | {_pct(r['reward_accuracy'])} |")
-    md += ["", "Scores: world judge, 1-10, mean over two turns, 95% interval. Win rate: both answer orders judged, "
-           "a verdict that follows the position counts as a tie (half a win); LC: length-controlled.", ""]
+                  f"{_pct(r['win_rate'], r['win_ci95'])} | {_pct(r['lc_win_rate'])} | "
+                  f"{_pct(r['reward_accuracy'], r['reward_ci95'])} |")
+    md += ["", "Scores: the judge's 1-10, mean over two turns, 95% interval. Win rate: against each run's reference "
+           "(" + ", ".join(f"{run.name}: {f['reference']}" for run, f in facts) + "), both answer orders judged, "
+           "a verdict that follows the position counts as a tie (half a win); LC: length-controlled. Reward accuracy: "
+           "held-out pairs whose implicit DPO reward prefers the chosen answer.", ""]
     for run, f in facts:
         pairs, k = f["pairs"], f["k"]
-        sft = f["evaluate"]["results"]["sft"]
-        md.append(f"**{run.name}**: {_pct(pairs and pairs.get('share_scores_differ'))} of AI-feedback pairs have "
-                  f"chosen and rejected of different scores; the dSFT model's pass@{k} is {_pct(sft['pass_at_k'])} "
-                  f"against greedy accuracy {_pct(sft['greedy_accuracy'])}.")
+        sft = f["evaluate"]["results"].get("sft", {})
+        line = f"**{run.name}**: {_pct(pairs and pairs.get('share_scores_differ'))} of AI-feedback pairs have " \
+               "chosen and rejected of different scores"
+        if "pass_at_k" in sft:
+            line += f"; the dSFT model's pass@{k} is {_pct(sft['pass_at_k'])} against greedy accuracy " \
+                    f"{_pct(sft['greedy_accuracy'])}"
+        md.append(line + ".")
     md += ["", "## Per category", "", "![radar](radar.png)", "", "## Training", "", "![curves](curves.png)", "",
            "## Provenance", "", "| run | model | recipe | code | global batch | rows |", "|---|---|---|---|---|---|"]
     for r in rows:

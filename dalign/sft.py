@@ -18,6 +18,7 @@ from dalign import adapters
 from dalign.chat import tokenize_dialogue
 from dalign.config import SFTConfig
 from dalign.data import ReadReport, read_rows, validate_dialogue
+from dalign.models import resolve
 from dalign.packed import collate_packed, packed_attention
 from dalign.train import Example, collate, pack, train
 
@@ -68,3 +69,15 @@ def run_sft(cfg: SFTConfig, model_path: Path, dialogues: Path, out: Path, replay
                         export=adapters.exporter(model_path, cfg.lora, out, tokenizer))
     return {**summary, "rows": {"kept": len(examples) - n_replay, "dropped": dict(dropped), "replay": n_replay},
             "read_errors": report.examples}
+
+
+def stage(recipe, out: Path, inputs: dict) -> dict:
+    """The `sft` stage: dSFT of the starting model on the dialogues, with pretraining-text replay
+    when the start is the world's base model (its corpus is at hand)."""
+    from dalign import roles
+
+    start = roles.models(recipe, inputs)["start"]
+    replay = np.load(inputs["base"] / "corpus_tokens.npy") if recipe.world_start else None
+    tokenizer = None if recipe.world_start else roles.tokenizer(recipe, inputs)
+    facts = run_sft(recipe.sft, Path(resolve(start)), inputs["dialogues"] / "dialogues.jsonl", out, replay, tokenizer)
+    return {"seeds": {"data_order": recipe.sft.seed}, "start": str(start), **facts}

@@ -8,8 +8,8 @@ import pytest
 from pydantic import BaseModel, ValidationError
 
 from dalign.config import (
-    BaseConfig, ConfigError, DialoguesConfig, EvalConfig, ModelShape, RecipeConfig, SFTConfig, TeacherConfig, TrainConfig,
-    load_recipe,
+    BaseConfig, ConfigError, DialoguesConfig, DryRunConfig, EvalConfig, MemberConfig, ModelShape, RecipeConfig, RoleSpec,
+    SFTConfig, StartModel, TeacherConfig, TeacherRole, TrainConfig, load_recipe,
 )
 
 OFFLINE = Path(__file__).resolve().parent.parent / "recipes" / "offline.yaml"
@@ -31,7 +31,7 @@ def test_defaults():
     assert recipe.sft.learning_rate == 2e-3 and recipe.base.learning_rate == 3e-3  # BaseConfig overrides the LR
     assert recipe.dialogues.min_turns <= recipe.dialogues.max_turns
     assert recipe.base.model.hidden_size % recipe.base.model.heads == 0
-    assert isinstance(recipe.teacher, TeacherConfig) and isinstance(recipe.sft, SFTConfig)
+    assert isinstance(recipe.roles.teacher.world, TeacherConfig) and isinstance(recipe.sft, SFTConfig)
 
 
 def test_offline_recipe_loads_and_states_the_defaults():
@@ -48,7 +48,7 @@ def test_yaml_values_take_effect(tmp_path):
     recipe = load_recipe(path)
     assert recipe.name == "small" and recipe.sft.learning_rate == 2e-4 and recipe.sft.packing is True
     assert recipe.base.model.layers == 2 and recipe.base.model.hidden_size == ModelShape().hidden_size
-    assert recipe.teacher == TeacherConfig()  # untouched sections keep their defaults
+    assert recipe.roles.teacher.world == TeacherConfig()  # untouched sections keep their defaults
     assert load_recipe(write(tmp_path, "", "empty.yaml")) == RecipeConfig()
 
 
@@ -105,8 +105,8 @@ def test_unknown_override_key_is_named():
     (["sft.per_device_batch_size=abc"], "sft.per_device_batch_size"),
     (["sft.learning_rate=fast"], "sft.learning_rate"),
     (["sft.packing=maybe"], "sft.packing"),
-    (["teacher.ramble=1.5"], "teacher.ramble"),
-    (["teacher.error=-0.1"], "teacher.error"),
+    (["roles.teacher.world.ramble=1.5"], "roles.teacher.world.ramble"),
+    (["roles.teacher.world.error=-0.1"], "roles.teacher.world.error"),
     (["sft.learning_rate=0"], "sft.learning_rate"),
     (["sft.warmup_ratio=1"], "sft.warmup_ratio"),
     (["base.model.vocab_size=10"], "base.model.vocab_size"),
@@ -129,9 +129,9 @@ def test_cross_field_checks_name_their_fields(tmp_path):
 
 
 def test_wrong_value_in_yaml_names_file_and_key(tmp_path):
-    path = write(tmp_path, "teacher:\n  ramble: 1.5\n")
+    path = write(tmp_path, "roles:\n  teacher:\n    world: {ramble: 1.5}\n")
     message = error_of(path)
-    assert str(path) in message and "teacher.ramble" in message
+    assert str(path) in message and "roles.teacher.world.ramble" in message
 
 
 def test_malformed_recipes_and_overrides(tmp_path):
@@ -155,8 +155,9 @@ def walk(model: type[BaseModel], prefix: str = ""):
 
 def test_every_field_has_a_description():
     fields = dict(walk(RecipeConfig))
-    assert {"sft.learning_rate", "base.model.heads", "dialogues.max_turns", "evaluate.seed", "teacher.ramble"} <= set(fields)
+    assert {"sft.learning_rate", "base.model.heads", "dialogues.max_turns", "evaluate.seed", "roles.teacher"} <= set(fields)
     undocumented = [key for key, info in fields.items() if not (info.description or "").strip()]
     assert undocumented == []
-    for cls in (TeacherConfig, ModelShape, TrainConfig, BaseConfig, DialoguesConfig, SFTConfig, EvalConfig):
+    for cls in (TeacherConfig, ModelShape, TrainConfig, BaseConfig, DialoguesConfig, SFTConfig, EvalConfig, RoleSpec,
+                TeacherRole, MemberConfig, StartModel, DryRunConfig):
         assert all((info.description or "").strip() for info in cls.model_fields.values()), cls.__name__

@@ -82,13 +82,13 @@ def test_activation_memory_by_hand():
     assert activation_bytes(Shape, tokens, checkpointed) / GIB < 11
 
 
-def test_a_recipe_without_a_real_model_is_refused():
-    with pytest.raises(ValueError, match="real:"):
+def test_a_recipe_that_starts_from_the_world_is_refused():
+    with pytest.raises(ValueError, match="start"):
         dry_run(load_recipe(None), 1, Engine.DDP)
 
 
 def test_real_settings_training_ignored_are_gone():
     # The dry run once read real.processes and real.sharding, which training never did.
-    for field in ("real.processes=16", "real.sharding=zero3", "real.dtype=bfloat16"):
+    for field in ("start.processes=16", "start.sharding=zero3", "start.dtype=bfloat16"):
         with pytest.raises(ConfigError, match=field.split("=")[0]):
-            load_recipe(None, ["real.model=x", field])
+            load_recipe(None, ["start.model=x", field])

@@ -1,7 +1,8 @@
-"""The whole real path through `dalign run` on a tiny model: a teacher, a user simulator, an
-ensemble member and a judge behind a loopback OpenAI-compatible server (the official client
-talks HTTP to it), dSFT and dDPO with LoRA, AI feedback, held-out reward accuracy and
-MT-Bench. The server plays its roles by reading the prompt templates' text."""
+"""A recipe on a tiny transformers model with every role behind a loopback OpenAI-compatible
+server (the official client talks HTTP to it), run stage by stage through the same plan as the
+offline recipe: dSFT and two dDPO variants (from dSFT and from the start) with LoRA, AI
+feedback, MT-Bench, the win rate against a reference file, held-out reward accuracy. The
+server plays its roles by reading the prompt templates' text."""
 
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import yaml
 from transformers import AutoModelForCausalLM
 
+from dalign.cli import main
 from dalign.config import ConfigError, load_recipe
 from dalign.data import write_rows
 from dalign.pretrain import build_model
-from dalign.real import run
+from dalign.run import plan, run_recipe
 from test_dpo import TINY, world_pairs
 
 pytest.importorskip("peft")
@@ -74,6 +77,7 @@ def server():
 
 @pytest.fixture
 def recipe(tmp_path, world_tokenizer, one_thread, server, monkeypatch):
+    """The recipe as a YAML file: a tiny transformers model to start from, every role on the server."""
     url, _ = server
     monkeypatch.setenv("DALIGN_TEST_KEY", SECRET)
     build_model(TINY, world_tokenizer, seed=0).save_pretrained(tmp_path / "start")
@@ -84,78 +88,109 @@ def recipe(tmp_path, world_tokenizer, one_thread, server, monkeypatch):
         {"question_id": 2, "category": "math", "turns": ["What is 2 + 3?", "And times 2?"], "reference": ["5", "10"]}])
     write_rows(tmp_path / "alpaca.jsonl", [{"instruction": f"Say {w}.", "output": f"{w}.", "generator": "ref"}
                                            for w in ("hello", "goodbye", "thanks")])
-    server_cfg = f"{{base_url: '{url}', model: tiny-teacher, api_key_env: DALIGN_TEST_KEY, max_retries: 1}}"
-    return load_recipe(None, [
-        f"run_dir={tmp_path / 'run'}", f"real.model={tmp_path / 'start'}",
-        f"real.teacher={server_cfg}", "real.topics=[cooking, the weather, trains]",
-        f"real.prompts={{path: {tmp_path / 'prompts.jsonl'}}}", f"real.judge={server_cfg}",
-        f"real.mt_bench={{path: {tmp_path / 'questions.jsonl'}}}", f"real.alpaca_eval={{path: {tmp_path / 'alpaca.jsonl'}}}",
-        "dialogues={n_dialogues: 12, min_turns: 1, max_turns: 2, max_tokens: 128, chunk_size: 5}",
-        "sft={max_steps: 6, max_length: 128, per_device_batch_size: 4, learning_rate: 1e-2, lora: {rank: 4, alpha: 8}}",
-        f"completions={{per_prompt: 2, max_new_tokens: 8, chunk_size: 16, members: [{{name: server, openai: {server_cfg}}},"
-        " {name: start, model: start}, {name: sft, model: sft}]}",
-        "pairs={test_fraction: 0.25}",
-        "dpo={max_steps: 10, max_length: 128, learning_rate: 2e-2, beta: 0.5, per_device_batch_size: 4, lora: {rank: 4}}",
-        "evaluate={max_new_tokens: 8, batch_size: 8}"])
+    server_role = {"openai": {"base_url": url, "model": "tiny-teacher", "api_key_env": "DALIGN_TEST_KEY", "max_retries": 1}}
+    tree = {
+        "name": "tiny-real", "run_dir": str(tmp_path / "run"), "start": {"model": str(tmp_path / "start")},
+        "roles": {role: server_role for role in ("teacher", "user_simulator", "rater", "judge", "comparer")},
+        "dialogues": {"n_dialogues": 12, "min_turns": 1, "max_turns": 2, "max_tokens": 128, "chunk_size": 5,
+                      "topics": ["cooking", "the weather", "trains"]},
+        "sft": {"max_steps": 6, "max_length": 128, "per_device_batch_size": 4, "learning_rate": 1e-2,
+                "lora": {"rank": 4, "alpha": 8}},
+        "completions": {"per_prompt": 2, "max_new_tokens": 8, "chunk_size": 16, "prompts": {"path": str(tmp_path / "prompts.jsonl")},
+                        "members": [{"name": "server", **server_role}, {"name": "start", "model": "start"},
+                                    {"name": "sft", "model": "sft"}]},
+        "pairs": {"test_fraction": 0.25},
+        "dpo": {"max_steps": 10, "max_length": 128, "learning_rate": 2e-2, "beta": 0.5, "per_device_batch_size": 4,
+                "lora": {"rank": 4}},
+        "variants": [{"name": "main", "start": "sft"}, {"name": "nosft", "start": "start"}],
+        "evaluate": {"max_new_tokens": 8, "batch_size": 8, "mt_bench": {"path": str(tmp_path / "questions.jsonl")},
+                     "alpaca_eval": {"path": str(tmp_path / "alpaca.jsonl")}},
+    }
+    path = tmp_path / "tiny-real.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
 
 
-def test_the_whole_real_path_runs_through_servers_and_reruns_for_free(recipe, tmp_path, server):
+STEPS = [["generate", "dialogues"], ["sft"], ["generate", "completions"], ["rate"], ["binarize"], ["dpo"],
+         ["evaluate", "mt-bench"]]
+
+
+def manifest(run_dir, stage: str) -> dict:
+    return json.loads((run_dir / stage / "manifest.json").read_text())
+
+
+def test_the_whole_recipe_runs_stage_by_stage_through_servers_and_reruns_for_free(recipe, tmp_path, server, capsys):
     _, log = server
-    out = run(recipe)
-    assert list(out) == ["dialogues", "sft", "completions", "ratings", "pairs", "dpo", "evaluate"]
+    run_dir = tmp_path / "run"
+    assert main(["dpo", str(recipe)]) == 2  # a stage alone before its inputs: refused, naming the missing one
+    assert "stage sft has not completed" in capsys.readouterr().err and not (run_dir / "dpo-main").exists()
+    for step in STEPS:  # every stage alone, through the same plan as the offline recipe
+        assert main([*step, str(recipe)]) == 0, step
+    assert list(plan(load_recipe(recipe))) == ["dialogues", "sft", "completions", "ratings", "pairs", "dpo-main",
+                                               "dpo-nosft", "evaluate"]
     # Dialogues: every one of the 12 kept or counted; the simulator's quotes are stripped.
-    d = out["dialogues"]
+    d = manifest(run_dir, "dialogues")
     assert d["rows"]["kept"] + sum(d["rows"]["dropped"].values()) == 12 and d["rows"]["kept"] >= 9
-    first = json.loads((tmp_path / "run" / "dialogues" / "dialogues.jsonl").read_text().splitlines()[0])
+    first = json.loads((run_dir / "dialogues" / "dialogues.jsonl").read_text().splitlines()[0])
     assert first["messages"][0]["content"].startswith("What should I know about cooking")
     assert first["messages"][1]["content"] == GOOD
     assert d["usage"]["teacher"]["requests"] > 0 and d["usage"]["teacher"]["failures"] == 0
     # dSFT with LoRA: adapters saved alone, the merged model loads without PEFT.
-    assert (tmp_path / "run" / "sft" / "adapter" / "adapter_model.safetensors").exists()
-    AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "sft" / "model")
+    assert (run_dir / "sft" / "adapter" / "adapter_model.safetensors").exists()
+    AutoModelForCausalLM.from_pretrained(run_dir / "sft" / "model")
     # AI feedback: 40 prompts, two completions each from server, start and sft; all rated.
-    assert out["completions"]["rows"]["kept"] == 40
-    assert sum(out["completions"]["completions_per_member"].values()) == 80
-    assert set(out["completions"]["generation"]) == {"start", "sft"} and "server" in out["completions"]["usage"]
-    ratings = [json.loads(x) for x in (tmp_path / "run" / "ratings" / "ratings.jsonl").read_text().splitlines()]
+    completions = manifest(run_dir, "completions")
+    assert completions["rows"]["kept"] == 40
+    assert sum(completions["completions_per_member"].values()) == 80
+    assert set(completions["generation"]) == {"start", "sft"} and "server" in completions["usage"]
+    ratings = [json.loads(x) for x in (run_dir / "ratings" / "ratings.jsonl").read_text().splitlines()]
     assert all(c["score"] is not None for r in ratings for c in r["completions"])
-    pairs = out["pairs"]
+    pairs = manifest(run_dir, "pairs")
     assert pairs["train"] + pairs["test"] + sum(pairs["rows"]["dropped"].values()) == 40
-    # dDPO ran from the dSFT model; held-out reward accuracy and MT-Bench for each model.
-    assert out["dpo"]["start"] == str(tmp_path / "run" / "sft" / "model")
-    held = out["evaluate"]["held_out"]
-    assert held["pairs"] == pairs["test"] and 0 <= held["reward_accuracy"] <= 1
-    mt = out["evaluate"]["mt_bench"]
-    assert set(mt) == {"start", "sft", "dpo"}
-    assert all(r["questions"] == 2 and r["judge_failures"] == 0 and r["score"] == 7 for r in mt.values())
-    # AlpacaEval-style: a judge that always prefers position (a) gives every model ties, no wins.
-    alpaca = out["evaluate"]["alpaca_eval"]
-    assert alpaca["reference"] == "ref" and set(alpaca["results"]) == {"start", "sft", "dpo"}
-    assert all(r["ties"] == 3 and r["win_rate"] == 0.5 and r["judge_failures"] == 0 for r in alpaca["results"].values())
-    judged = out["evaluate"]["usage"]["judge"]  # per model: 4 grades and 6 verdicts, asked or found in the cache
-    assert judged["requests"] + judged["cache_hits"] == 3 * (2 * 2 + 2 * 3)
+    # Two variants: dDPO from the dSFT model and from the starting model, each its own reference.
+    assert manifest(run_dir, "dpo-main")["reference"] == str(run_dir / "sft" / "model")
+    assert manifest(run_dir, "dpo-nosft")["reference"] == str(tmp_path / "start")
+    # The evaluation: MT-Bench by the prompted judge, the win rate against the file's reference
+    # answers, held-out reward accuracy for each variant.
+    evaluation = manifest(run_dir, "evaluate")
+    results = evaluation["results"]
+    assert list(results) == ["start", "sft", "dpo-main", "dpo-nosft"] and evaluation["reference"] == "ref"
+    assert all(r["questions"] == 2 and r["judge_failures"] == 0 and r["score"] == 7 for r in results.values())
+    assert not any("greedy_accuracy" in r for r in results.values())  # a prompted judge gives grades only
+    # A comparer that always prefers position (a) gives every model ties, no wins.
+    assert all(r["win_rate"]["ties"] == 3 and r["win_rate"]["win_rate"] == 0.5 for r in results.values())
+    for label in ("dpo-main", "dpo-nosft"):
+        held = results[label]["reward_accuracy"]
+        assert held["pairs"] == pairs["test"] and 0 <= held["reward_accuracy"] <= 1
+    usage = evaluation["usage"]  # per model: 4 grades and 6 verdicts, asked or found in the cache
+    assert usage["judge"]["requests"] + usage["judge"]["cache_hits"] == 4 * 2 * 2
+    assert usage["comparer"]["requests"] + usage["comparer"]["cache_hits"] == 4 * 2 * 3
     # The key went to the server and nowhere else.
     assert log and all(a == f"Bearer {SECRET}" for a in log)
-    for path in (tmp_path / "run").rglob("*"):
+    for path in run_dir.rglob("*"):
         assert not path.is_file() or SECRET.encode() not in path.read_bytes(), path
     # A rerun skips every stage; a stage redone after a kill pays for no reply twice.
     sent = len(log)
-    assert run(recipe)["evaluate"]["finished"] == out["evaluate"]["finished"]
-    ratings_dir = tmp_path / "run" / "ratings"
+    assert run_recipe(load_recipe(recipe))["evaluate"]["finished"] == evaluation["finished"]
+    ratings_dir = run_dir / "ratings"
     for stale in [ratings_dir / "manifest.json", ratings_dir / "ratings.jsonl", *(ratings_dir / "parts").iterdir()]:
         stale.unlink()
-    again = run(recipe)
+    again = run_recipe(load_recipe(recipe))
     assert len(log) == sent
-    assert again["ratings"]["usage"]["teacher"]["cache_hits"] == 40
+    assert again["ratings"]["usage"]["rater"]["cache_hits"] == 40
 
 
-def test_a_real_recipe_says_what_it_lacks_before_any_work(tmp_path):
-    base = [f"run_dir={tmp_path}", "real.model=x"]
-    with pytest.raises(ConfigError, match="real.dialogues"):
-        run(load_recipe(None, base))
-    with pytest.raises(ConfigError, match="offline-world generators"):
-        run(load_recipe(None, base + ["real.skip=[sft]", "real.prompts={path: p.jsonl}",
-                                      "real.teacher={base_url: 'http://127.0.0.1:9/v1', model: m}"]))
+def test_a_recipe_says_what_it_lacks_before_any_work(tmp_path):
+    base = [f"run_dir={tmp_path}", "start.model=x"]
+    with pytest.raises(ConfigError, match=r"completions.members\[3\].world.*world generator"):
+        load_recipe(None, base + ["completions.prompts={path: p.jsonl}"])
+    with pytest.raises(ConfigError, match="roles.user_simulator.world"):
+        load_recipe(None, base + ["dialogues.topics=[trains]"])
+    with pytest.raises(ConfigError, match="roles.judge.world"):
+        load_recipe(None, base + ["evaluate.mt_bench={path: q.jsonl}"])
+    with pytest.raises(ConfigError, match="pairs.held_out"):
+        load_recipe(None, base + ["pairs.source={path: p.jsonl}"])
     with pytest.raises(ConfigError, match="QLoRA.*(bitsandbytes|CUDA)"):
-        run(load_recipe(None, base + ["real.dialogues={path: d.jsonl}", "real.pairs={path: p.jsonl}",
-                                      "real.held_out={path: p.jsonl}", "sft.lora={load_in_4bit: true}"]))
+        run_recipe(load_recipe(None, base + ["dialogues.source={path: d.jsonl}", "pairs.source={path: p.jsonl}",
+                                             "pairs.held_out={path: p.jsonl}", "sft.lora={load_in_4bit: true}"]))
+    assert not any(tmp_path.iterdir())  # nothing ran

@@ -1,5 +1,6 @@
-"""A recipe on a real model (`real:`), run whole on a tiny model: pairs from a dataset file with
-one part held out, dDPO with LoRA, held-out reward accuracy; a rerun skips every stage."""
+"""A recipe that starts from a model, run whole on a tiny one: pairs from a dataset file with one
+part held out, dSFT skipped, dDPO with LoRA from the start, held-out reward accuracy (the
+MT-Bench-style score and the win rate skipped); a rerun skips every stage."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from dalign.config import ConfigError, load_recipe
 from dalign.data import write_rows
 from dalign.pretrain import build_model
-from dalign.real import run
+from dalign.run import run_recipe as run
 from test_dpo import TINY, world_pairs
 
 pytest.importorskip("peft")
@@ -29,25 +30,26 @@ def recipe(tmp_path, world_tokenizer, one_thread):
              "score_rejected": 3.0} for r in world_pairs(96)]
     write_rows(tmp_path / "uf.jsonl", rows)
     src = str(tmp_path / "uf.jsonl")
-    return load_recipe(None, [f"run_dir={tmp_path / 'run'}", f"real.model={tmp_path / 'start'}", "real.skip=[sft]",
-                              f"real.pairs={{path: {src}, limit: 64}}", f"real.held_out={{path: {src}, offset: 64}}",
+    return load_recipe(None, [f"run_dir={tmp_path / 'run'}", f"start.model={tmp_path / 'start'}", "skip=[sft]",
+                              f"pairs.source={{path: {src}, limit: 64}}", f"pairs.held_out={{path: {src}, offset: 64}}",
+                              "variants=[{name: main, start: start}]", "evaluate.skip=[mt_bench, win_rate]",
                               "dpo.max_steps=30", "dpo.learning_rate=2e-2", "dpo.beta=0.5", "dpo.lora={rank: 4, alpha: 8}"])
 
 
 def test_a_real_recipe_trains_and_reports_held_out_reward_accuracy(recipe, tmp_path):
     out = run(recipe)
+    assert list(out) == ["pairs", "dpo-main", "evaluate"]
     assert out["pairs"]["train"]["kept"] == 64 and out["pairs"]["test"]["kept"] == 32
-    held = out["evaluate"]["held_out"]
+    held = out["evaluate"]["results"]["dpo-main"]["reward_accuracy"]
     assert held["pairs"] == 32 and 0 <= held["reward_accuracy"] <= 1 and held["ci95"] >= 0
     # The pairs it never saw: the padded answer is the rejected one, learned from the other 64.
     assert held["reward_accuracy"] >= 0.9
-    assert json.loads((tmp_path / "run" / "evaluate" / "reward_accuracy.json").read_text()) == held
-    AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "dpo" / "model")  # plain transformers
+    assert json.loads((tmp_path / "run" / "evaluate" / "reward_accuracy_dpo-main.json").read_text()) == held
+    AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "dpo-main" / "model")  # plain transformers
     again = run(recipe)  # every stage complete: nothing recomputed
     assert again["evaluate"]["finished"] == out["evaluate"]["finished"]
 
 
-def test_a_real_recipe_needs_its_data(tmp_path):
-    recipe = load_recipe(None, [f"run_dir={tmp_path}", "real.model=x", "real.skip=[sft]"])
-    with pytest.raises(ConfigError, match="real.pairs"):
-        run(recipe)
+def test_a_variant_from_sft_with_sft_skipped_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"variants\[0\].start.*skip has sft"):
+        load_recipe(None, [f"run_dir={tmp_path}", "start.model=x", "skip=[sft]"])

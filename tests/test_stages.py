@@ -118,7 +118,7 @@ def test_evaluation_scores_base_and_sft(micro_run):
         saved = json.loads((run_dir / "evaluate" / f"{label}.json").read_text())
         assert saved["score"] == result["score"]
     for label in ("base", "dpo-main", "dpo-nosft"):
-        wins = m["results"][label]["win_rate_vs_sft"]
+        wins = m["results"][label]["win_rate"]
         assert wins["wins"] + wins["ties"] + wins["losses"] + wins["judge_failures"] == m["rows"]["win_rate_instructions"] == 8
         assert 0 <= wins["win_rate"] <= 1
 
