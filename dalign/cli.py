@@ -84,7 +84,7 @@ def parser() -> argparse.ArgumentParser:
     sub = top.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run every stage of a recipe into its run directory")
     _recipe_args(run)
-    run.add_argument("--dry-run", action="store_true", help="for a recipe that starts from a model: print the plan (parameters, "
+    run.add_argument("--dry-run", action="store_true", help="print the plan (parameters, "
                      "global batch sizes, steps, memory per GPU) without loading weights")
     run.add_argument("--processes", type=int, help="with --dry-run: training processes over all nodes (one per GPU; "
                      "default: the launch's, else 1)")
@@ -101,7 +101,7 @@ def parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="evaluate models").add_subparsers(dest="what", required=True)
     _recipe_args(ev.add_parser("mt-bench", help="MT-Bench-style two-turn questions graded 1-10 by the judge "
                                                 "(the evaluation stage: also computes the win rates)"))
-    _recipe_args(ev.add_parser("win-rate", help="AlpacaEval-style win rate against the dSFT model, both orders judged "
+    _recipe_args(ev.add_parser("win-rate", help="AlpacaEval-style win rate against the reference, both orders judged "
                                                 "(the evaluation stage: also computes MT-Bench-style scores)"))
     _mc_args(ev.add_parser("mc", help="multiple-choice benchmarks of the Open LLM Leaderboard (ARC-Challenge, "
                                       "HellaSwag, MMLU, TruthfulQA mc2) scored by lm-evaluation-harness"))

@@ -1,8 +1,9 @@
-"""`dalign run RECIPE --dry-run` for a recipe on a real model: resolve every training stage's
-config and show what it will cost, without loading a weight.
+"""`dalign run RECIPE --dry-run`: resolve every training stage's config and show what it will
+cost, without loading a weight.
 
 The model is built on the meta device from its config (the hub cache or the model folder,
-else the recipe's `start.architecture`, so it works offline). The number of processes and the
+else the recipe's `start.architecture`, so it works offline; the world's base model from
+`base.model`). The number of processes and the
 engine are the launch's (or --processes and --engine): the same numbers training will find.
 For each training stage it prints the global batch and how it is split (the number that
 silently changes with the GPU count if nobody states it; a recipe's `global_batch_size` keeps
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import math
 
-from dalign.config import ConfigError, RecipeConfig, TrainConfig
+from dalign.config import RecipeConfig, TrainConfig
 from dalign.parallel import Engine
 
 GIB = 1024 ** 3
@@ -26,6 +27,15 @@ def model_on_meta(recipe: RecipeConfig):
 
     from dalign.models import resolve
 
+    if recipe.world_start:  # the base stage's shape; the vocabulary is at most its bound
+        from transformers import LlamaConfig
+
+        shape = recipe.base.model
+        config = LlamaConfig(vocab_size=shape.vocab_size, hidden_size=shape.hidden_size, num_hidden_layers=shape.layers,
+                             num_attention_heads=shape.heads, intermediate_size=shape.intermediate_size,
+                             max_position_embeddings=shape.max_position, tie_word_embeddings=True)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
     start = recipe.start
     try:
         # With an architecture to fall back on, only the local cache is tried: a plan must not
@@ -67,11 +77,10 @@ def activation_bytes(config, tokens: int, cfg: TrainConfig) -> float:
 
 
 def dry_run(recipe: RecipeConfig, processes: int, engine: Engine) -> str:
-    if recipe.world_start:
-        raise ConfigError("--dry-run plans a recipe that starts from a model (start: {model: ...}), not the world")
     model = model_on_meta(recipe)
     params = sum(p.numel() for p in model.parameters())
-    lines = [f"recipe {recipe.name}: base model {recipe.start.model} ({type(model).__name__}), "
+    start = "the world's (pretrained by the base stage)" if recipe.world_start else recipe.start.model
+    lines = [f"recipe {recipe.name}: base model {start} ({type(model).__name__}), "
              f"{params / 1e9:.2f}B parameters; {processes} processes, engine {engine.value}"]
     # Tokens of one micro-batch: packed SFT rows of max_length; a DPO pair at most twice max_length.
     # dDPO as the recipe's model is trained: its first variant's epochs.
@@ -81,6 +90,10 @@ def dry_run(recipe: RecipeConfig, processes: int, engine: Engine) -> str:
             lines.append(f"  {name}: skipped (skip)")
             continue
         sizes = cfg.batch_sizes(processes, name)
+        if cfg.max_steps is None and not rows:
+            lines.append(f"  {name}: global batch {sizes.global_batch}; steps unknown until its data is made "
+                         f"(dry_run.{name}_rows plans them)")
+            continue
         steps = math.ceil(rows * cfg.epochs / sizes.global_batch) if cfg.max_steps is None else cfg.max_steps
         trainable = params if cfg.lora is None else _lora_params(model, cfg.lora.rank)
         states = model_state_bytes(params, trainable, cfg, engine, processes)

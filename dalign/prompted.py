@@ -1,5 +1,5 @@
-"""Roles played by a general chat model through prompt templates: the real path's user
-simulator and MT-Bench judge.
+"""Roles played by a general chat model through prompt templates: the user simulator and the
+MT-Bench judge, when a server or a local model plays them (dalign.roles).
 
 Each wraps any Backend (an OpenAI-compatible server, a local model) and turns the
 conversation a stage hands it into one request written from a template in dalign/prompts/,

@@ -42,7 +42,8 @@ def replay_examples(tokens: np.ndarray, count: int, length: int, seed: int) -> l
 
 def run_sft(cfg: SFTConfig, model_path: Path, dialogues: Path, out: Path, replay_tokens: np.ndarray | None,
             tokenizer=None) -> dict:
-    """`tokenizer`: given when the model folder's own lacks the chat template (a real base model)."""
+    """`tokenizer`: given when the model folder's own lacks the chat template (a base model
+    without one, given the recipe's start.chat_template)."""
     adapters.check(cfg.lora, "sft")
     tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_path)
     report = ReadReport(str(dialogues))

@@ -1,4 +1,4 @@
-"""`dalign run --dry-run` on a real-model recipe: the plan for the paper's Zephyr-7B recipe,
+"""`dalign run --dry-run`: the plan for the paper's Zephyr-7B recipe,
 worked out offline from the recipe's stated architecture, without loading a weight."""
 
 from __future__ import annotations
@@ -82,9 +82,11 @@ def test_activation_memory_by_hand():
     assert activation_bytes(Shape, tokens, checkpointed) / GIB < 11
 
 
-def test_a_recipe_that_starts_from_the_world_is_refused():
-    with pytest.raises(ValueError, match="start"):
-        dry_run(load_recipe(None), 1, Engine.DDP)
+def test_a_recipe_that_starts_from_the_world_is_planned_too():
+    plan = dry_run(load_recipe(None, ["dpo.max_steps=7"]), 2, Engine.DDP)
+    assert "base model the world's" in plan and "0.00B parameters; 2 processes, engine ddp" in plan
+    assert "sft: global batch 16; steps unknown until its data is made (dry_run.sft_rows" in plan
+    assert "dpo: global batch 16 = 8 per device x 1 accumulation x 2 processes; 0 rows x 1 epochs = 7 steps" in plan
 
 
 def test_real_settings_training_ignored_are_gone():

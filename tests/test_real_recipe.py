@@ -14,6 +14,7 @@ from dalign.data import write_rows
 from dalign.pretrain import build_model
 from dalign.run import run_recipe as run
 from test_dpo import TINY, world_pairs
+from test_mc import ARC_FILES, needs_arc, needs_lm_eval
 
 pytest.importorskip("peft")
 
@@ -53,3 +54,17 @@ def test_a_real_recipe_trains_and_reports_held_out_reward_accuracy(recipe, tmp_p
 def test_a_variant_from_sft_with_sft_skipped_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"variants\[0\].start.*skip has sft"):
         load_recipe(None, [f"run_dir={tmp_path}", "start.model=x", "skip=[sft]"])
+
+
+@needs_lm_eval
+@needs_arc
+def test_the_evaluation_scores_multiple_choice_on_every_model(recipe, tmp_path):
+    mc = {"tasks": ["arc_challenge"], "num_fewshot": {"arc_challenge": 0}, "limit": 3,
+          "data": {"arc_challenge": {"test": str(ARC_FILES["test"])}}}
+    out = run(recipe.model_copy(update={"evaluate": recipe.evaluate.model_copy(update={"mc": mc}),
+                                        "dpo": recipe.dpo.model_copy(update={"max_steps": 2})}))
+    results = out["evaluate"]["results"]
+    for label in ("start", "dpo-main"):  # before and after, scored by lm-eval on the same 3 questions
+        arc = results[label]["mc"]["arc_challenge"]
+        assert arc["n"] == 3 and 0 <= arc["acc"] <= 1, label
+    assert (tmp_path / "run" / "evaluate" / "mc_dpo-main" / "mc.json").exists()
