@@ -52,11 +52,11 @@ def run_rows(run: Path) -> tuple[list[dict], dict]:
     for label, r in evaluation["results"].items():
         manifest = _read(run / label / "manifest.json")
         w, acc = r.get("win_rate"), r.get("reward_accuracy")
-        rows.append({"run": run.name, "model": label, "alignment": _alignment(label, manifest), "score": r["score"],
-                     "ci95": r["ci95"], "win_rate": w and w["win_rate"], "win_ci95": w and w["ci95"],
+        rows.append({"run": run.name, "model": label, "alignment": _alignment(label, manifest), "score": r.get("score"),
+                     "ci95": r.get("ci95"), "win_rate": w and w["win_rate"], "win_ci95": w and w["ci95"],
                      "lc_win_rate": w and w["length_controlled_win_rate"],
                      "reward_accuracy": acc and acc["reward_accuracy"], "reward_ci95": acc and acc["ci95"],
-                     "categories": {c: v["score"] for c, v in r["categories"].items()},
+                     "categories": {c: v["score"] for c, v in r.get("categories", {}).items()},
                      "greedy_accuracy": r.get("greedy_accuracy"), "pass_at_k": r.get("pass_at_k"),
                      "provenance": {"recipe": manifest and manifest.get("recipe"), "code": manifest and manifest.get("code_version"),
                                     "global_batch": manifest and manifest.get("global_batch_size"),
@@ -71,6 +71,10 @@ def _pct(x, ci=None) -> str:
     if x is None:
         return "-"
     return f"{x:.1%}" + (f" ± {ci:.1%}" if ci is not None and not math.isnan(ci) else "")
+
+
+def _score(row: dict) -> str:
+    return "-" if row["score"] is None else f"{row['score']:.2f} ± {row['ci95']:.2f}"
 
 
 def radar(rows: list[dict], path: Path) -> None:
@@ -112,12 +116,14 @@ def write_report(runs: list[Path], out: Path) -> Path:
         r, f = run_rows(run)
         rows += r
         facts.append((run, f))
-    radar(rows, out / "radar.png")
+    graded = [r for r in rows if r["categories"]]  # a run with evaluate.skip: [mt_bench] has none
+    if graded:
+        radar(graded, out / "radar.png")
     curves(runs, out / "curves.png")
     md = ["# dalign report", "", "| run | model | alignment | MT-Bench-style score | win rate vs reference | LC win rate | "
           "held-out reward acc. |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        md.append(f"| {r['run']} | {r['model']} | {r['alignment']} | {r['score']:.2f} ± {r['ci95']:.2f} | "
+        md.append(f"| {r['run']} | {r['model']} | {r['alignment']} | {_score(r)} | "
                   f"{_pct(r['win_rate'], r['win_ci95'])} | {_pct(r['lc_win_rate'])} | "
                   f"{_pct(r['reward_accuracy'], r['reward_ci95'])} |")
     md += ["", "Scores: the judge's 1-10, mean over two turns, 95% interval. Win rate: against each run's reference "
@@ -133,7 +139,8 @@ def write_report(runs: list[Path], out: Path) -> Path:
             line += f"; the dSFT model's pass@{k} is {_pct(sft['pass_at_k'])} against greedy accuracy " \
                     f"{_pct(sft['greedy_accuracy'])}"
         md.append(line + ".")
-    md += ["", "## Per category", "", "![radar](radar.png)", "", "## Training", "", "![curves](curves.png)", "",
+    md += ["", "## Per category", "", "![radar](radar.png)" if graded else "(no MT-Bench-style grades)", "",
+           "## Training", "", "![curves](curves.png)", "",
            "## Provenance", "", "| run | model | recipe | code | global batch | rows |", "|---|---|---|---|---|---|"]
     for r in rows:
         p = r["provenance"]

@@ -9,6 +9,7 @@ import json
 import pytest
 from transformers import AutoModelForCausalLM
 
+from dalign.cli import main
 from dalign.config import ConfigError, load_recipe
 from dalign.data import write_rows
 from dalign.pretrain import build_model
@@ -47,6 +48,11 @@ def test_a_real_recipe_trains_and_reports_held_out_reward_accuracy(recipe, tmp_p
     assert held["reward_accuracy"] >= 0.9
     assert json.loads((tmp_path / "run" / "evaluate" / "reward_accuracy_dpo-main.json").read_text()) == held
     AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "dpo-main" / "model")  # plain transformers
+    # The report of a run with no MT-Bench-style grades: the reward accuracy, no radar chart.
+    assert main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "rep")]) == 0
+    report = (tmp_path / "rep" / "report.md").read_text()
+    assert "| run | start | none (starting model) | - |" in report
+    assert f"dDPO on the starting model, no SFT (1 epoch) | - | - | - | {held['reward_accuracy']:.1%}" in report
     again = run(recipe)  # every stage complete: nothing recomputed
     assert again["evaluate"]["finished"] == out["evaluate"]["finished"]
 
