@@ -247,5 +247,6 @@ def stage(recipe, out: Path, inputs: dict[str, Path]) -> dict:
     return {"seeds": {"questions_and_sampling": cfg.seed}, "judge": judge and judge.name,
             "comparer": comparer and comparer.name,
             "reference": ref_name, "results": summary,
-            "rows": {"questions": len(questions), "win_rate_instructions": len(instructions)},
+            "rows": {k: n for k, n, part in (("questions", len(questions), "mt_bench"),
+                                             ("win_rate_instructions", len(instructions), "win_rate")) if part in parts},
             **roles.usage([b for b in (judge, comparer) if b is not None])}

@@ -41,6 +41,7 @@ def recipe(tmp_path, world_tokenizer, one_thread):
 def test_a_real_recipe_trains_and_reports_held_out_reward_accuracy(recipe, tmp_path):
     out = run(recipe)
     assert list(out) == ["pairs", "dpo-main", "evaluate"]
+    assert out["evaluate"]["rows"] == {} and "score" not in out["evaluate"]["results"]["start"]  # both skipped
     assert out["pairs"]["train"]["kept"] == 64 and out["pairs"]["test"]["kept"] == 32
     held = out["evaluate"]["results"]["dpo-main"]["reward_accuracy"]
     assert held["pairs"] == 32 and 0 <= held["reward_accuracy"] <= 1 and held["ci95"] >= 0
