@@ -10,6 +10,7 @@ import pytest
 
 from dalign.cli import main
 from dalign.config import ConfigError, load_recipe
+from dalign.manifest import config_hash
 from dalign.pretrain import build_model
 from dalign.run import plan
 from test_dpo import TINY
@@ -99,3 +100,18 @@ def test_a_recipe_in_the_earlier_layout_says_where_each_key_moved(tmp_path, caps
                   "completions.members[0].flaws moved to completions.members[0].world"):
         assert moved in err, moved
     assert str(old) in err
+
+
+def test_each_stage_hash_covers_exactly_the_roles_it_reads():
+    server = "{openai: {base_url: 'http://127.0.0.1:9/v1', model: m}}"
+    before = plan(load_recipe(None))
+
+    def changed(*overrides):
+        after = plan(load_recipe(None, list(overrides)))
+        return [s for s in before if config_hash(before[s][1]) != config_hash(after[s][1])]
+
+    assert changed(f"roles.judge={server}") == ["evaluate"]  # a new judge redoes no training
+    assert changed(f"roles.comparer={server}") == ["evaluate"]
+    assert changed(f"roles.rater={server}") == ["ratings"]
+    assert changed("roles.teacher.world.ramble=0.1") == ["dialogues"]
+    assert changed("dpo.beta=0.2") == ["dpo-1ep", "dpo-3ep", "dpo-base", "evaluate"]  # the reward accuracy reads beta
