@@ -12,6 +12,7 @@ from dalign.manifest import StageDirError
 from dalign.models import ModelError
 from dalign.parallel import Engine, LaunchError, is_main, launched_engine, launched_processes
 from dalign.run import MissingInputError, run_recipe, score_table
+from dalign.serving import ServeError
 
 DEFAULT_RECIPE = None  # the built-in offline world; recipes/offline.yaml spells the same values out
 
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             print(dry_run(recipe, args.processes or launched_processes(), Engine(args.engine or launched_engine())))
             return 0
         manifests = run_recipe(recipe, only=stage)
-    except (ConfigError, RowError, StageDirError, MissingInputError, ModelError, LaunchError) as err:
+    except (ConfigError, RowError, StageDirError, MissingInputError, ModelError, LaunchError, ServeError) as err:
         print(f"dalign: error: {err}", file=sys.stderr)
         return 2
     if "evaluate" in manifests and is_main():

@@ -239,6 +239,40 @@ class SFTConfig(TrainConfig):
     """Train LoRA adapters instead of every weight; the saved model has them merged in."""
 
 
+class ServeConfig(Strict):
+    """A model dalign serves itself for the length of one stage (dalign.serving): it starts the
+    server, waits for its health check, sends the stage's requests to it through the OpenAI
+    backend, and stops it when the stage ends or fails, SIGTERM included."""
+
+    model: str
+    """The model to serve: this run's 'start', 'sft' or 'base', a model folder, hub id or built-in name."""
+    command: str = "vllm serve {model} --host 127.0.0.1 --port {port}"
+    """The server's command line: {model} becomes the model's folder or hub id (also the model name
+    requests carry), {port} a free port of 127.0.0.1. Any OpenAI-compatible server works, e.g.
+    'transformers serve {model} --host 127.0.0.1 --port {port}'."""
+    health_path: str = "/health"
+    """Path answered with 200 once the server is ready (vLLM's and transformers serve's)."""
+    env: dict[str, str] = Field(default_factory=dict)
+    """Environment variables added to the server's (CUDA_VISIBLE_DEVICES, HF_HOME, ...)."""
+    startup_timeout_s: float = Field(900.0, gt=0)
+    """Seconds the server may take to come up (a 7B model loads and compiles in minutes)."""
+    max_concurrency: int = Field(32, ge=1)
+    """Requests in flight at once; vLLM batches the concurrent ones on the GPU."""
+    timeout_s: float = Field(300.0, gt=0)
+    """Seconds a request may take before it is abandoned and retried."""
+    max_retries: int = Field(2, ge=0)
+    """Retries per request after the first attempt."""
+
+
+SOURCES = ("world", "openai", "serve", "model")
+
+
+def _one_of(spec, what: str) -> None:
+    given = [k for k in SOURCES if getattr(spec, k) is not None]
+    if len(given) != 1:
+        raise ValueError(f"{what}needs exactly one source of world, openai, serve or model (got {', '.join(given) or 'none'})")
+
+
 class WorldRole(Strict):
     """The offline world plays the role (dalign/world/); it has no settings of its own here."""
 
@@ -250,15 +284,15 @@ class RoleSpec(Strict):
     """The offline world's player of this role (the default)."""
     openai: OpenAIConfig | None = None
     """A model behind an OpenAI-compatible chat-completions server (vLLM, TGI, an API)."""
+    serve: ServeConfig | None = None
+    """A model dalign serves itself for the stage (vLLM by default)."""
     model: str | None = None
     """A local model: this run's 'start', 'sft' or 'base' (the world's pretrained model), a model
     folder, a hub id or a built-in name (smollm2-135m-instruct)."""
 
     @model_validator(mode="after")
     def _one_source(self):
-        given = [k for k in ("world", "openai", "model") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError(f"needs exactly one source of world, openai or model (got {', '.join(given) or 'none'})")
+        _one_of(self, "")
         return self
 
 
@@ -299,11 +333,12 @@ class MemberConfig(Strict):
     """A world generator with these flaw rates: the world's stand-in for a weaker model of the pool."""
     openai: OpenAIConfig | None = None
     """A model behind an OpenAI-compatible server (vLLM, TGI, an API): where and which."""
+    serve: ServeConfig | None = None
+    """A model dalign serves itself for the completions stage (vLLM by default), e.g. this run's sft."""
 
     @model_validator(mode="after")
     def _one_source(self):
-        if sum(x is not None for x in (self.model, self.world, self.openai)) != 1:
-            raise ValueError(f"member {self.name!r} needs exactly one source of world, openai or model")
+        _one_of(self, f"member {self.name!r} ")
         return self
 
 
@@ -512,6 +547,11 @@ class RecipeConfig(Strict):
         return self
 
 
+def _model_refs(spec) -> list[tuple[str, str]]:
+    """The model a role or member names, local or served, with its key."""
+    return [("model", spec.model)] if spec.model else [("serve.model", spec.serve.model)] if spec.serve else []
+
+
 def _refuse(key: str, why: str) -> None:
     raise ValueError(f"{key}: {why}")
 
@@ -524,8 +564,9 @@ def check_sources(r: "RecipeConfig") -> None:
     used = ["judge", "comparer"] + (["rater"] if feedback else [])
     used += ["teacher", "user_simulator"] if sft and r.dialogues.source is None else []
     refs = [(f"variants[{i}].start", v.start) for i, v in enumerate(r.variants)]
-    refs += [(f"completions.members[{i}].model", m.model) for i, m in enumerate(r.completions.members) if feedback]
-    refs += [(f"roles.{k}.model", getattr(r.roles, k).model) for k in used]
+    refs += [(f"completions.members[{i}].{key}", ref) for i, m in enumerate(r.completions.members) if feedback
+             for key, ref in _model_refs(m)]
+    refs += [(f"roles.{k}.{key}", ref) for k in used for key, ref in _model_refs(getattr(r.roles, k))]
     for key, ref in refs:
         if ref == "base" and not r.world_start:
             _refuse(key, "'base' is the world's pretrained model, and this recipe starts from a model: use 'start'")

@@ -105,8 +105,11 @@ def _retry_after(response) -> float | None:
 
 
 class OpenAIBackend:
-    def __init__(self, config: OpenAIConfig, name: str | None = None):
+    def __init__(self, config: OpenAIConfig, name: str | None = None, cache_identity: str | None = None):
+        """`cache_identity`: what the cache keys name instead of base_url, for a server whose
+        address changes from run to run (one dalign starts itself on a free port)."""
         self.config, self.name = config, name or config.model
+        self._identity = cache_identity or config.base_url
         key = NO_KEY
         if config.api_key_env is not None:
             key = os.environ.get(config.api_key_env, "")
@@ -122,12 +125,13 @@ class OpenAIBackend:
         self.errors: list[str] = []  # the first failures' messages (key scrubbed), for the manifest
 
     @classmethod
-    def for_stage(cls, config: OpenAIConfig, stage_dir: Path, name: str) -> "OpenAIBackend":
+    def for_stage(cls, config: OpenAIConfig, stage_dir: Path, name: str,
+                  cache_identity: str | None = None) -> "OpenAIBackend":
         """A backend for one stage of a run: its replies are cached in the stage's folder unless the
         config names a cache, so a killed stage, rerun, pays for no reply twice."""
         if config.cache_dir is None:
             config = config.model_copy(update={"cache_dir": str(Path(stage_dir) / "responses")})
-        return cls(config, name)
+        return cls(config, name, cache_identity)
 
     def __repr__(self) -> str:
         return f"OpenAIBackend(name={self.name!r}, model={self.config.model!r}, base_url={self.config.base_url!r})"
@@ -174,7 +178,7 @@ class OpenAIBackend:
         return text.replace(self._secret, "***") if self._secret else text
 
     def _answer(self, body: dict) -> Reply:
-        key = hashlib.sha256(json.dumps({"base_url": self.config.base_url, **body}, sort_keys=True).encode()).hexdigest()
+        key = hashlib.sha256(json.dumps({"base_url": self._identity, **body}, sort_keys=True).encode()).hexdigest()
         cached = self._cache_get(key)
         if cached is not None:
             self._count(cache_hits=1)

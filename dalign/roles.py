@@ -1,4 +1,5 @@
-"""Who plays each role of a recipe: the offline world, an OpenAI-compatible server, or a local model.
+"""Who plays each role of a recipe: the offline world, an OpenAI-compatible server (one given, or
+one dalign serves itself for the stage), or a local model.
 
 A stage asks for a role by name and gets a `Backend`; it never knows which source is behind
 it. The offline world's players read the world's text directly; a server or a local model
@@ -72,6 +73,10 @@ def _server_or_local(recipe, spec, inputs, out: Path, name: str) -> Backend:
         from dalign.openai_backend import OpenAIBackend
 
         return OpenAIBackend.for_stage(spec.openai, out, name)
+    if spec.serve is not None:
+        from dalign import serving
+
+        return serving.start(spec.serve, resolve(models(recipe, inputs).get(spec.serve.model, spec.serve.model)), out, name)
     return local(recipe, spec.model, inputs, name)
 
 

@@ -11,7 +11,7 @@ version, seeds, row counts kept and dropped, and the global batch size.
 
 from __future__ import annotations
 
-from dalign import binarize, completions, dpo, evaluate, generate, pretrain, rate, sft
+from dalign import binarize, completions, dpo, evaluate, generate, pretrain, rate, serving, sft
 from dalign.adapters import check as check_lora
 from dalign.config import ConfigError, RecipeConfig
 from dalign.manifest import Stage
@@ -103,7 +103,8 @@ def run_stage(recipe: RecipeConfig, name: str, stages: dict | None = None) -> di
         stage.start()
         print(f"[{name}] running in {stage.dir}")
     barrier()
-    facts = RUNNERS[name.split("-")[0]](recipe, stage.dir, inputs, *name.split("-", 1)[1:])
+    with serving.stage_servers():  # a server a role of this stage asked for lives as long as the stage
+        facts = RUNNERS[name.split("-")[0]](recipe, stage.dir, inputs, *name.split("-", 1)[1:])
     if main:
         stage.finish(recipe=recipe.name, inputs={k: str(v) for k, v in inputs.items()}, **facts)
     barrier()
