@@ -72,9 +72,12 @@ def stage(recipe, out, inputs: dict) -> dict:
     """The `pairs` stage: the ratings binarized into train and test splits (pairs.held_out, when
     set, replaces the test split), or pairs read from pairs.source and pairs.held_out."""
     from dalign.data import read_rows, write_rows
+    from dalign.parallel import is_main
     from dalign.readers import read_preferences, read_source
 
     cfg = recipe.pairs
+    if not is_main():  # one quick pass, made once: the other processes wait at the stage's barrier
+        return {}
     if cfg.source is not None:
         read = {split: read_source(source, read_preferences, out / f"{split}.jsonl")
                 for split, source in (("train", cfg.source), ("test", cfg.held_out))}

@@ -17,6 +17,7 @@ from typing import Sequence
 
 from dalign.backends import Backend, Sampling
 from dalign.data import write_rows
+from dalign.parallel import is_main
 from dalign.parts import in_parts
 
 PRINCIPLES = ("helpfulness", "honesty", "truthfulness", "none")
@@ -66,7 +67,8 @@ def run_completions(prompts: Sequence[dict], members: Sequence[Member], per_prom
         return rows, counts
 
     rows, counts = in_parts(len(prompts), chunk_size, out, make_chunk)
-    write_rows(out / "completions.jsonl", rows)
+    if is_main():
+        write_rows(out / "completions.jsonl", rows)
     per_member = Counter(c["model"] for row in rows for c in row["completions"])
     return {"rows": {"kept": len(rows), "dropped": {}}, "flagged": dict(counts), "completions_per_member": dict(per_member),
             "members": {m.name: {"backend": m.backend.name, "temperature": m.sampling.temperature} for m in members}}

@@ -20,6 +20,7 @@ import torch
 from dalign.backends import Backend, Sampling
 from dalign.config import EvalConfig
 from dalign.data import read_rows, write_json
+from dalign.parallel import barrier, rank_and_world
 from dalign.judging import JudgeParseError, parse_judgment
 from dalign.prompted import REFERENCE_PREFIX
 from dalign.world import CATEGORIES
@@ -205,45 +206,58 @@ def stage(recipe, out: Path, inputs: dict[str, Path]) -> dict:
                        for role, part in (("judge", "mt_bench"), ("comparer", "win_rate")))
     correctness = recipe.roles.judge.world is not None
     greedy, summary = Sampling(0.0, cfg.max_new_tokens, cfg.seed), {label: {} for label in models}
+    # Under a multi-process launch each process evaluates whole models (model i on rank i % processes),
+    # so every model's answers come out as in one process; a barrier ends each phase.
+    rank, world = rank_and_world()
+    mine = [label for i, label in enumerate(models) if i % world == rank]
 
-    for label, path in models.items():
+    for label in mine:
         model = None  # loaded only for what a rerun has not written yet
 
         def get():
             nonlocal model
             if model is None:
-                model = roles.local(recipe, path, inputs, label, cfg.batch_size)
+                model = roles.local(recipe, models[label], inputs, label, cfg.batch_size)
             return model
 
-        def grade():
-            result = evaluate_mt_bench(get(), judge, questions, cfg, correctness)
-            return {**result, "generation": get().throughput()}
-
         if "mt_bench" in parts:
-            result = _once(out / f"{label}.json", grade)
-            summary[label] = {k: result[k] for k in MT_BENCH_KEYS + (CORRECTNESS_KEYS if correctness else ())}
+            _once(out / f"{label}.json",
+                  lambda: {**evaluate_mt_bench(get(), judge, questions, cfg, correctness), "generation": get().throughput()})
         if "win_rate" in parts:
             _once(out / f"answers_{label}.json",
                   lambda: get().generate([[{"role": "user", "content": i}] for i in instructions], greedy))
-    if "win_rate" in parts and reference is None:
-        reference = json.loads((out / f"answers_{ref_label}.json").read_text())
-    for label in models:
-        if label == ref_label or "win_rate" not in parts:
-            continue
-        answers = json.loads((out / f"answers_{label}.json").read_text())
-        result = _once(out / f"win_rate_{label}_vs_{ref_label}.json",
-                       lambda: win_rate(instructions, answers, reference, comparer))
-        summary[label]["win_rate"] = {k: result[k] for k in WIN_RATE_KEYS}
+    barrier()
+    if "mt_bench" in parts:
+        for label in models:
+            result = json.loads((out / f"{label}.json").read_text())
+            summary[label] = {k: result[k] for k in MT_BENCH_KEYS + (CORRECTNESS_KEYS if correctness else ())}
+    if "win_rate" in parts:
+        if reference is None:
+            reference = json.loads((out / f"answers_{ref_label}.json").read_text())
+        for label in (x for x in mine if x != ref_label):
+            answers = json.loads((out / f"answers_{label}.json").read_text())
+            _once(out / f"win_rate_{label}_vs_{ref_label}.json", lambda: win_rate(instructions, answers, reference, comparer))
     test_pairs = inputs["pairs"] / "test.jsonl"
-    for label in (k for k in models if k.startswith("dpo-") and "reward_accuracy" in parts and read_rows(test_pairs)):
+    scored = [k for k in models if k.startswith("dpo-") and "reward_accuracy" in parts and read_rows(test_pairs)]
+    for label in (x for x in mine if x in scored):
         start = json.loads((inputs[label] / "manifest.json").read_text())["reference"]
-        summary[label]["reward_accuracy"] = _once(out / f"reward_accuracy_{label}.json", lambda: reward_accuracy(
+        _once(out / f"reward_accuracy_{label}.json", lambda: reward_accuracy(
             models[label], start, test_pairs, recipe.dpo.beta, recipe.dpo.max_length))
     if cfg.mc is not None:
         from dalign.mc import MCConfig, run_mc
 
-        for label, path in models.items():
-            summary[label]["mc"] = run_mc(MCConfig(model=str(path), **cfg.mc), out / f"mc_{label}")["results"]
+        for label in mine:
+            if not (out / f"mc_{label}" / "mc.json").exists():
+                run_mc(MCConfig(model=str(models[label]), **cfg.mc), out / f"mc_{label}")
+    barrier()
+    for label in models:
+        if "win_rate" in parts and label != ref_label:
+            result = json.loads((out / f"win_rate_{label}_vs_{ref_label}.json").read_text())
+            summary[label]["win_rate"] = {k: result[k] for k in WIN_RATE_KEYS}
+        if label in scored:
+            summary[label]["reward_accuracy"] = json.loads((out / f"reward_accuracy_{label}.json").read_text())
+        if cfg.mc is not None:
+            summary[label]["mc"] = json.loads((out / f"mc_{label}" / "mc.json").read_text())["results"]
     return {"seeds": {"questions_and_sampling": cfg.seed}, "judge": judge and judge.name,
             "comparer": comparer and comparer.name,
             "reference": ref_name, "results": summary,

@@ -19,6 +19,7 @@ from dalign.backends import TOPIC_PREFIX, Backend, Sampling
 from dalign.chat import render
 from dalign.config import DialoguesConfig
 from dalign.data import write_rows
+from dalign.parallel import is_main
 from dalign.parts import in_parts
 from dalign.world.roles import seed_topics
 
@@ -64,24 +65,31 @@ def run_dialogues(cfg: DialoguesConfig, tokenizer, user: Backend, teacher: Backe
         topics = [f"{TOPIC_PREFIX}{topics[i % len(topics)]}" for i in range(cfg.n_dialogues)]
     else:
         topics = seed_topics(cfg.n_dialogues, cfg.seed)
-    seen: set[str] = set()
 
     def make_chunk(start: int, end: int) -> tuple[list[dict], Counter]:
         rows, dropped = [], Counter()
         chunk = topics[start:end]
         for index, (topic, messages) in enumerate(zip(chunk, _make_chunk(chunk, start, cfg, user, teacher)), start):
-            reason = messages if isinstance(messages, str) else _reject(messages, seen, tokenizer, cfg.max_tokens)
+            reason = messages if isinstance(messages, str) else _reject(messages, tokenizer, cfg.max_tokens)
             if reason:
                 dropped[reason] += 1
                 continue
-            seen.add(_fingerprint(messages))
             rows.append({"id": f"dialogue-{cfg.seed}-{index}", "messages": messages, "topic": topic,
                          "teacher": teacher.name, "user_simulator": user.name})
         return rows, dropped
 
-    rows, dropped = in_parts(len(topics), cfg.chunk_size, out, make_chunk,
-                             on_rows=lambda rs: seen.update(_fingerprint(r["messages"]) for r in rs))
-    write_rows(out / "dialogues.jsonl", rows)
+    made, dropped = in_parts(len(topics), cfg.chunk_size, out, make_chunk)
+    # Duplicates are dropped across the whole run, in order, once every chunk is made: a chunk
+    # alone cannot know the others (they may be made at once, by other processes).
+    rows, seen = [], set()
+    for row in made:
+        if (fingerprint := _fingerprint(row["messages"])) in seen:
+            dropped["duplicate"] += 1
+        else:
+            seen.add(fingerprint)
+            rows.append(row)
+    if is_main():
+        write_rows(out / "dialogues.jsonl", rows)
     return {"rows": {"kept": len(rows), "dropped": dict(dropped)}, "topics": len(topics),
             "teacher": teacher.name, "user_simulator": user.name}
 
@@ -90,11 +98,9 @@ def _fingerprint(messages: list[dict]) -> str:
     return hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()
 
 
-def _reject(messages: list[dict], seen: set[str], tokenizer, max_tokens: int) -> str | None:
+def _reject(messages: list[dict], tokenizer, max_tokens: int) -> str | None:
     if any(not m["content"].strip() for m in messages):
         return "empty_message"
-    if _fingerprint(messages) in seen:
-        return "duplicate"
     if len(tokenizer(render(tokenizer, messages), add_special_tokens=False)["input_ids"]) > max_tokens:
         return "too_long"
     return None
@@ -108,6 +114,8 @@ def stage(recipe, out: Path, inputs: dict) -> dict:
 
     cfg = recipe.dialogues
     if cfg.source is not None:
+        if not is_main():  # read once: the other processes wait at the stage's barrier
+            return {}
         read = read_source(cfg.source, read_dialogues, out / "dialogues.jsonl")
         return {"rows": {"kept": read["kept"], "dropped": read["dropped"]}, "source": read}
     teacher = roles.backend(recipe, "teacher", inputs, out)

@@ -104,6 +104,14 @@ def is_main() -> bool:
     return launched_processes() == 1 or process_state().is_main_process
 
 
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of processes (0 and 1 without a launch)."""
+    if launched_processes() == 1:
+        return 0, 1
+    state = process_state()
+    return state.process_index, state.num_processes
+
+
 def barrier() -> None:
     if launched_processes() > 1:
         process_state().wait_for_everyone()
@@ -121,6 +129,26 @@ def gather_shares(share: list, total: int) -> list:
     for rank, part in enumerate(shares):
         rows[rank::world] = part
     return rows
+
+
+def summed_over_processes(facts: dict) -> dict:
+    """`facts` with every number summed over the processes of the launch (counts of requests,
+    tokens, seconds), other values rank 0's; as is without a launch. Every process must call it."""
+    if launched_processes() == 1:
+        return facts
+    from accelerate.utils import gather_object
+
+    def add(a, b):
+        if isinstance(a, dict) and isinstance(b, dict):
+            return {k: add(a[k], b[k]) if k in b else a[k] for k in a} | {k: v for k, v in b.items() if k not in a}
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+            return a + b
+        return a if a is not None else b
+
+    total = {}
+    for share in gather_object([facts]):  # one dict per process, in rank order
+        total = add(total, share)
+    return total
 
 
 def autocast(device: torch.device, mixed_precision: str):

@@ -19,6 +19,7 @@ from typing import Sequence
 from dalign.backends import Backend, Sampling
 from dalign.data import write_rows
 from dalign.judging import ASPECTS
+from dalign.parallel import is_main
 from dalign.parts import in_parts
 from dalign.world.task import Template
 
@@ -123,7 +124,8 @@ def run_rating(rows: list[dict], rater: Backend, retries: int, chunk_size: int, 
         return rate_prompts([dict(r) for r in rows[start:end]], rater, retries, seed)
 
     rated, counts = in_parts(len(rows), chunk_size, out, make_chunk)
-    write_rows(out / "ratings.jsonl", rated)
+    if is_main():
+        write_rows(out / "ratings.jsonl", rated)
     return {"rows": {"kept": len(rated) - counts["failed"], "dropped": {"rating_failed": counts["failed"]}},
             "retries": counts["retries"], "rater": rater.name}
 

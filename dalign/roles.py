@@ -16,6 +16,7 @@ from dalign.backends import Backend
 from dalign.config import MemberConfig, RecipeConfig, RoleSpec, TeacherConfig
 from dalign.generation import LocalModel
 from dalign.models import resolve
+from dalign.parallel import summed_over_processes
 from dalign.world.roles import Flaws, WorldTeacher
 
 
@@ -81,7 +82,8 @@ def _server_or_local(recipe, spec, inputs, out: Path, name: str) -> Backend:
 
 
 def usage(backends) -> dict:
-    """Generation throughput of local models and token usage of servers, for the manifest."""
+    """Generation throughput of local models and token usage of servers, for the manifest, over
+    every process of a launch (tokens per second summed: the launch's rate)."""
     from dalign.prompted import PromptedJudge, PromptedUser
 
     facts = {"generation": {}, "usage": {}}
@@ -92,7 +94,7 @@ def usage(backends) -> dict:
             facts["generation"][b.name] = b.throughput()
         elif hasattr(b, "usage"):
             facts["usage"][b.name] = b.usage()
-    return {k: v for k, v in facts.items() if v}
+    return summed_over_processes({k: v for k, v in facts.items() if v})  # each rank asked for its own rows
 
 
 def tokenizer(recipe: RecipeConfig, inputs: dict[str, Path]):

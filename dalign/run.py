@@ -15,7 +15,7 @@ from dalign import binarize, completions, dpo, evaluate, generate, pretrain, rat
 from dalign.adapters import check as check_lora
 from dalign.config import ConfigError, RecipeConfig
 from dalign.manifest import Stage
-from dalign.parallel import LaunchError, barrier, is_main, launched_processes
+from dalign.parallel import barrier, is_main, launched_processes
 
 RUNNERS = {"base": pretrain.stage, "dialogues": generate.stage, "sft": sft.stage, "completions": completions.stage,
            "ratings": rate.stage, "pairs": binarize.stage, "dpo": dpo.stage, "evaluate": evaluate.stage}
@@ -65,22 +65,18 @@ class MissingInputError(RuntimeError):
     """A stage was asked for before the stage it reads from has completed."""
 
 
-# The stages that train, and the recipe section holding each one's TrainConfig. Only these run
-# under a multi-process launch; the others run in one process.
+# The stages that train, and the recipe section holding each one's TrainConfig.
 TRAINING = {"base": "base", "sft": "sft", "dpo": "dpo"}
 
 
 def check_launch(recipe: RecipeConfig, names: list[str]) -> None:
-    """Refuse, before any work, stages this launch cannot run: a global batch its processes cannot
-    split, or a stage that does not yet split its rows across processes."""
+    """Refuse, before any work, a global batch this launch's processes cannot split. (Every stage
+    runs under a launch: the training stages split batches, the generating ones split their chunks
+    and models, the rest run on rank 0 while the others wait.)"""
     processes = launched_processes()
     for name in names:
         if (section := TRAINING.get(name.split("-")[0])) is not None:
             getattr(recipe, section).batch_sizes(processes, section)
-        elif processes > 1:
-            raise LaunchError(f"stage {name} runs in one process (only {', '.join(TRAINING)} train under a launch of "
-                              f"{processes}): run it without torchrun/accelerate launch, then launch the training "
-                              "stages one at a time (dalign sft RECIPE, dalign dpo RECIPE)")
 
 
 def run_stage(recipe: RecipeConfig, name: str, stages: dict | None = None) -> dict:

@@ -1,15 +1,20 @@
 """The `dalign` command under a multi-process launch, as users start it:
 `torchrun --nproc_per_node 2 -m dalign.cli sft RECIPE` and
 `accelerate launch --config_file configs/accelerate/ddp.yaml -m dalign.cli dpo RECIPE`, on the
-micro recipe of tests/test_stages.py; and what a launch refuses before any work."""
+micro recipe of tests/test_stages.py; every generating stage under torchrun writing what one
+process writes, also after a rank is killed and one process resumes; and what a launch
+refuses before any work."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -55,6 +60,7 @@ def launched_run(tmp_path_factory):
     dpo = launched([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                     str(ROOT / "configs" / "accelerate" / "ddp.yaml"), "--num_processes", "2",
                     "--main_process_port", str(free_port()), "-m", "dalign.cli", "dpo", recipe, *TWO])
+    assert main(["evaluate", "mt-bench", recipe, *TWO]) == 0  # the launched stages feed the next as usual
     return recipe, run_dir, sft, dpo
 
 
@@ -82,17 +88,79 @@ def test_accelerate_launch_runs_every_dpo_variant_on_two_processes(launched_run)
         cache = json.loads((run_dir / variant / "reference_logps.json").read_text())
         assert len(cache["logps"]) == facts["rows"]["kept"]  # both processes' shares, gathered once
         assert dpo.stdout.count(f"[{variant}] running in") == 1
-    assert main(["evaluate", "mt-bench", recipe, *TWO]) == 0  # the launched stages feed the next as usual
 
 
-def test_a_stage_that_does_not_split_its_rows_is_refused_under_a_launch(tmp_path, monkeypatch, capsys):
-    recipe = str(write_recipe(tmp_path, tmp_path / "run"))
-    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets in each process
-    assert main(["generate", "completions", recipe]) == 2
-    assert "stage completions runs in one process" in capsys.readouterr().err
-    assert main(["run", recipe]) == 2  # the whole recipe holds such stages: refused before the first
-    assert "runs in one process" in capsys.readouterr().err
-    assert not (tmp_path / "run").exists()
+GENERATED = ("dialogues", "completions", "ratings", "pairs", "evaluate")
+
+
+def generated_outputs(run_dir: Path) -> dict[str, object]:
+    """Every row file the generating stages wrote, and the evaluation's files without their timings."""
+    found = {}
+    for stage in GENERATED:
+        for path in sorted((run_dir / stage).glob("*.json*")):
+            if path.name == "manifest.json":
+                continue
+            if path.suffix == ".jsonl":
+                found[f"{stage}/{path.name}"] = [json.loads(x) for x in path.read_text().splitlines()]
+            else:
+                content = json.loads(path.read_text())
+                if isinstance(content, dict):
+                    content.pop("generation", None)  # tokens per second
+                found[f"{stage}/{path.name}"] = content
+    return found
+
+
+def without_generated(launched_run, copy: Path) -> Path:
+    """The launched run's models (base, sft, dpo-*) with every generating stage's folder removed."""
+    shutil.copytree(launched_run[1], copy)
+    for stage in (*GENERATED, "report"):
+        shutil.rmtree(copy / stage, ignore_errors=True)
+    return copy
+
+
+def test_every_generating_stage_under_torchrun_writes_what_one_process_wrote(launched_run, tmp_path):
+    recipe, run_dir, _, _ = launched_run
+    copy = without_generated(launched_run, tmp_path / "run")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "dalign.cli"]
+    done = launched([*torchrun, "run", recipe, f"run_dir={copy}", *TWO])
+    assert generated_outputs(copy) == generated_outputs(run_dir)
+    for stage in GENERATED:  # rank 0 alone writes the manifest, once
+        assert done.stdout.count(f"[{stage}] running in") == 1
+        assert manifest(copy, stage)["status"] == "complete"
+    assert sorted(p.name for p in (copy / "completions" / "parts").glob("*.jsonl")) == ["part-00000.jsonl",
+                                                                                         "part-00001.jsonl"]
+
+
+def test_a_rank_killed_mid_stage_and_a_relaunch_on_one_process_lose_and_double_nothing(launched_run, tmp_path):
+    recipe, run_dir, _, _ = launched_run
+    copy = without_generated(launched_run, tmp_path / "run")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "dalign.cli"]
+    proc = subprocess.Popen([*torchrun, "run", recipe, f"run_dir={copy}", *TWO], cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    # The evaluation splits its four models over the ranks: once one is graded, the others are under way.
+    while not (copy / "evaluate" / "base.json").exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    ranks = [pid for pid in children(proc.pid)]
+    os.kill(ranks[-1], signal.SIGKILL)
+    assert proc.wait(timeout=120) != 0  # torchrun stops the other rank and fails
+    assert manifest(copy, "evaluate")["status"] == "running"  # killed mid-stage
+    assert main(["run", recipe, f"run_dir={copy}", *TWO]) == 0  # one process, resuming
+    assert generated_outputs(copy) == generated_outputs(run_dir)
+
+
+def children(pid: int) -> list[int]:
+    """Process ids whose parent is `pid` (torchrun's workers), from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return sorted(found)
 
 
 def test_a_global_batch_the_processes_cannot_split_is_refused_before_any_work(tmp_path, capsys):

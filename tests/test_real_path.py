@@ -7,9 +7,14 @@ server plays its roles by reading the prompt templates' text."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import subprocess
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 import yaml
@@ -57,7 +62,7 @@ def server():
 
         def do_POST(self):
             request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            log.append(self.headers.get("Authorization"))
+            log.append((self.headers.get("Authorization"), json.dumps(request, sort_keys=True)))
             body = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": request["model"],
                                "choices": [{"index": 0, "finish_reason": "stop",
                                             "message": {"role": "assistant", "content": play(request)}}],
@@ -166,7 +171,7 @@ def test_the_whole_recipe_runs_stage_by_stage_through_servers_and_reruns_for_fre
     assert usage["judge"]["requests"] + usage["judge"]["cache_hits"] == 4 * 2 * 2
     assert usage["comparer"]["requests"] + usage["comparer"]["cache_hits"] == 4 * 2 * 3
     # The key went to the server and nowhere else.
-    assert log and all(a == f"Bearer {SECRET}" for a in log)
+    assert log and all(auth == f"Bearer {SECRET}" for auth, _ in log)
     for path in run_dir.rglob("*"):
         assert not path.is_file() or SECRET.encode() not in path.read_bytes(), path
     # A rerun skips every stage; a stage redone after a kill pays for no reply twice.
@@ -194,3 +199,44 @@ def test_a_recipe_says_what_it_lacks_before_any_work(tmp_path):
         run_recipe(load_recipe(None, base + ["dialogues.source={path: d.jsonl}", "pairs.source={path: p.jsonl}",
                                              "pairs.held_out={path: p.jsonl}", "sft.lora={load_in_4bit: true}"]))
     assert not any(tmp_path.iterdir())  # nothing ran
+
+
+GENERATED = ("dialogues", "completions", "ratings", "pairs", "evaluate")
+
+
+def rows_of(run_dir) -> dict:
+    """Every row file of the generating stages and the evaluation's results, without timings."""
+    found = {}
+    for stage in GENERATED:
+        for path in sorted((run_dir / stage).glob("*.json*")):
+            if path.name != "manifest.json":
+                content = [json.loads(x) for x in path.read_text().splitlines()] if path.suffix == ".jsonl" \
+                    else json.loads(path.read_text())
+                if isinstance(content, dict):
+                    content.pop("generation", None)
+                found[f"{stage}/{path.name}"] = content
+    return found
+
+
+def test_under_torchrun_every_request_is_made_once_and_the_rows_match(recipe, tmp_path, server):
+    """The stages that ask the server, launched on two processes, against one process: the same
+    requests, each made once over both ranks (no reply cache: it lives in the stage folders, which
+    the copy has not), and the same rows."""
+    _, log = server
+    assert main(["run", str(recipe)]) == 0
+    single = sorted(body for _, body in log)
+    assert len(single) == len(set(single))  # one process asks each request once
+    copy = tmp_path / "launched"
+    shutil.copytree(tmp_path / "run", copy)
+    for stage in (*GENERATED, "report"):
+        shutil.rmtree(copy / stage, ignore_errors=True)
+    log.clear()
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "dalign.cli"]
+    done = subprocess.run([*torchrun, "run", str(recipe), f"run_dir={copy}"], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert sorted(body for _, body in log) == single
+    assert rows_of(copy) == rows_of(tmp_path / "run")
+    for stage in ("dialogues", "completions", "ratings", "evaluate"):  # the manifests count both ranks' requests
+        asked = {name: u["requests"] for name, u in manifest(copy, stage)["usage"].items()}
+        assert asked == {name: u["requests"] for name, u in manifest(tmp_path / "run", stage)["usage"].items()}, stage
