@@ -250,6 +250,9 @@ class ServeConfig(Strict):
     """The server's command line: {model} becomes the model's folder or hub id (also the model name
     requests carry), {port} a free port of 127.0.0.1. Any OpenAI-compatible server works, e.g.
     'transformers serve {model} --host 127.0.0.1 --port {port}'."""
+    data_parallel: int = Field(1, ge=1)
+    """Servers started on the model, one per GPU (server j on GPU j, or local rank r x n + j under a
+    launch); a batch's rows are spread over them, row i to server i % n."""
     health_path: str = "/health"
     """Path answered with 200 once the server is ready (vLLM's and transformers serve's)."""
     env: dict[str, str] = Field(default_factory=dict)

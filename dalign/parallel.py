@@ -131,13 +131,9 @@ def gather_shares(share: list, total: int) -> list:
     return rows
 
 
-def summed_over_processes(facts: dict) -> dict:
-    """`facts` with every number summed over the processes of the launch (counts of requests,
-    tokens, seconds), other values rank 0's; as is without a launch. Every process must call it."""
-    if launched_processes() == 1:
-        return facts
-    from accelerate.utils import gather_object
-
+def sum_numbers(shares: list[dict]) -> dict:
+    """Dicts merged key by key: numbers summed (nested dicts too), other values the first share's
+    that has one. Counts of requests and tokens from several processes or servers."""
     def add(a, b):
         if isinstance(a, dict) and isinstance(b, dict):
             return {k: add(a[k], b[k]) if k in b else a[k] for k in a} | {k: v for k, v in b.items() if k not in a}
@@ -145,10 +141,20 @@ def summed_over_processes(facts: dict) -> dict:
             return a + b
         return a if a is not None else b
 
-    total = {}
-    for share in gather_object([facts]):  # one dict per process, in rank order
+    total: dict = {}
+    for share in shares:
         total = add(total, share)
     return total
+
+
+def summed_over_processes(facts: dict) -> dict:
+    """`facts` with every number summed over the processes of the launch (counts of requests,
+    tokens, seconds), other values rank 0's; as is without a launch. Every process must call it."""
+    if launched_processes() == 1:
+        return facts
+    from accelerate.utils import gather_object
+
+    return sum_numbers(gather_object([facts]))  # one dict per process, in rank order
 
 
 def autocast(device: torch.device, mixed_precision: str):

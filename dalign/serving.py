@@ -23,10 +23,14 @@ import sys
 import threading
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Sequence
 
+from dalign.backends import Conversation, Sampling, Samplings, per_row
 from dalign.config import OpenAIConfig, ServeConfig
 from dalign.openai_backend import OpenAIBackend
+from dalign.parallel import sum_numbers
 
 _STAGE: contextlib.ExitStack | None = None  # the servers of the stage now running
 
@@ -47,15 +51,60 @@ def stage_servers():
             _STAGE = None
 
 
-def start(spec: ServeConfig, model: str, out: Path, name: str) -> OpenAIBackend:
-    """Start a server on `model` for the current stage and return the backend that talks to it."""
+def start(spec: ServeConfig, model: str, out: Path, name: str):
+    """Start `spec.data_parallel` servers on `model` for the current stage (all at once, then
+    waited for) and return the backend that talks to them: one OpenAI backend, or rows spread
+    over several."""
     if _STAGE is None:
         raise RuntimeError("a served model is started inside a stage (dalign.run.run_stage)")
-    port = _STAGE.enter_context(_server(spec, model, out, name))
-    config = OpenAIConfig(base_url=f"http://127.0.0.1:{port}/v1", model=model, api_key_env=None,
-                          max_concurrency=spec.max_concurrency, timeout_s=spec.timeout_s, max_retries=spec.max_retries)
-    # The port changes from run to run; the cache keys name the model instead, so a rerun asks nothing twice.
-    return OpenAIBackend.for_stage(config, out, name, cache_identity=f"served:{model}")
+    _STAGE.enter_context(_stop_on_sigterm())
+    # Under a launch each rank serves from its own GPUs: server j of local rank r on GPU r * n + j.
+    local_rank, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    n, servers = spec.data_parallel, []
+    for j in range(n):
+        gpu = {} if (n == 1 and local_world == 1) or "CUDA_VISIBLE_DEVICES" in spec.env else \
+            {"CUDA_VISIBLE_DEVICES": str(local_rank * n + j)}
+        servers.append(_launch(spec, model, out, name if n == 1 else f"{name}-{j}", gpu))
+    backends = []
+    for label, proc, port, log_path in servers:
+        _wait_healthy(proc, port, spec, log_path)
+        print(f"[serve] {label}: {spec.command.split()[0]} on {model} at port {port} (pid {proc.pid})")
+        config = OpenAIConfig(base_url=f"http://127.0.0.1:{port}/v1", model=model, api_key_env=None,
+                              max_concurrency=spec.max_concurrency, timeout_s=spec.timeout_s,
+                              max_retries=spec.max_retries)
+        # The port changes from run to run; the cache keys name the model instead, so a rerun asks
+        # nothing twice, whichever server answered first.
+        backends.append(OpenAIBackend.for_stage(config, out, name, cache_identity=f"served:{model}"))
+    return backends[0] if n == 1 else Spread(backends, name)
+
+
+class Spread:
+    """Rows spread over several servers of the same model: row i of a batch to server i % n, all
+    servers asked at once."""
+
+    def __init__(self, backends: list[OpenAIBackend], name: str):
+        self.backends, self.name = backends, name
+
+    def generate(self, conversations: Sequence[Conversation], sampling: Samplings = Sampling()) -> list[str | None]:
+        samplings, n = per_row(sampling, len(conversations)), len(self.backends)
+        replies: list[str | None] = [None] * len(conversations)
+
+        def ask(j: int) -> None:
+            rows = range(j, len(conversations), n)
+            texts = self.backends[j].generate([conversations[i] for i in rows], [samplings[i] for i in rows])
+            for i, text in zip(rows, texts):
+                replies[i] = text
+
+        with ThreadPoolExecutor(n) as pool:
+            list(pool.map(ask, range(n)))
+        return replies
+
+    def usage(self) -> dict:
+        """The servers' counts summed, with each server's requests."""
+        shares = [b.usage() for b in self.backends]
+        total = sum_numbers(shares)
+        return {**total, "backend": self.name, "base_url": [s["base_url"] for s in shares],
+                "requests_per_server": [s["requests"] for s in shares]}
 
 
 def _free_port() -> int:
@@ -70,28 +119,27 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
 
 
-@contextlib.contextmanager
-def _server(spec: ServeConfig, model: str, out: Path, name: str):
+def _launch(spec: ServeConfig, model: str, out: Path, name: str, gpu: dict) -> tuple:
+    """Start one server; its stop is registered with the stage. Returns (name, process, port, log)."""
     port = _free_port()
     argv = shlex.split(spec.command.format(model=shlex.quote(model), port=port))
     out.mkdir(parents=True, exist_ok=True)
     log_path, info_path = out / f"serve-{name}.log", out / f"serve-{name}.json"
     with open(log_path, "ab") as log:
         try:
-            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **spec.env},
+            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **gpu, **spec.env},
                                     start_new_session=True, preexec_fn=_die_with_parent)
         except OSError as err:
             raise ServeError(f"cannot start the server for {name} ({argv[0]}): {err}") from None
-    info = {"name": name, "model": model, "command": argv, "port": port, "pid": proc.pid}
+    info = {"name": name, "model": model, "command": argv, "port": port, "pid": proc.pid, **gpu}
     info_path.write_text(json.dumps(info, indent=1))
-    with _stop_on_sigterm():
-        try:
-            _wait_healthy(proc, port, spec, log_path)
-            print(f"[serve] {name}: {argv[0]} on {model} at port {port} (pid {proc.pid})")
-            yield port
-        finally:
-            info["returncode"] = _stop(proc)
-            info_path.write_text(json.dumps(info, indent=1))
+
+    def stop() -> None:
+        info["returncode"] = _stop(proc)
+        info_path.write_text(json.dumps(info, indent=1))
+
+    _STAGE.callback(stop)
+    return name, proc, port, log_path
 
 
 def _wait_healthy(proc: subprocess.Popen, port: int, spec: ServeConfig, log_path: Path) -> None:

@@ -118,3 +118,18 @@ def _healthy(info_path: Path) -> bool:
             return reply.status == 200
     except OSError:
         return False
+
+
+def test_a_data_parallel_member_spreads_its_rows_over_its_servers(trained, tmp_path):
+    path, run = trained
+    two = tmp_path / "two.yaml"
+    tree = yaml.safe_load(path.read_text())
+    tree["completions"]["members"][0]["serve"]["data_parallel"] = 2
+    two.write_text(yaml.safe_dump(tree))
+    subprocess.run(["rm", "-rf", str(run / "completions")], check=True)
+    assert main(["generate", "completions", str(two)]) == 0
+    infos = [json.loads((run / "completions" / f"serve-served-{j}.json").read_text()) for j in (0, 1)]
+    assert [i["CUDA_VISIBLE_DEVICES"] for i in infos] == ["0", "1"]  # one GPU each, where there are GPUs
+    assert len({i["port"] for i in infos}) == 2 and all(gone(i["pid"]) for i in infos)
+    usage = json.loads((run / "completions" / "manifest.json").read_text())["usage"]["served"]
+    assert usage["requests"] == 8 and usage["requests_per_server"] == [4, 4]  # rows i % 2 to server i % 2
