@@ -27,10 +27,16 @@ class LocalModel:
     @classmethod
     def load(cls, spec: str | Path, batch_size: int = 64, name: str | None = None,
              chat_template: str | None = None) -> "LocalModel":
-        """A model folder, hub id or built-in name (dalign.models), with the recipe's chat template if given."""
+        """A model folder, hub id or built-in name (dalign.models), with the recipe's chat template if
+        given; on this process's GPU when there is one (GPU `LOCAL_RANK` under a launch)."""
+        import os
+
         from dalign.models import load_model, load_tokenizer
 
-        return cls(load_model(spec), load_tokenizer(spec, chat_template), batch_size, name or str(spec))
+        model = load_model(spec)
+        if torch.cuda.is_available():
+            model = model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}")
+        return cls(model, load_tokenizer(spec, chat_template), batch_size, name or str(spec))
 
     @torch.no_grad()
     def generate(self, conversations: Sequence[Conversation], sampling: Samplings = Sampling()) -> list[str]:
@@ -71,12 +77,13 @@ class LocalModel:
         sample = sampling.temperature > 0
         # Stop strings end a row's generation early (transformers checks them on the decoded text).
         stops = {"stop_strings": list(sampling.stop), "tokenizer": tok} if sampling.stop else {}
-        out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=sampling.max_new_tokens,
-                                  do_sample=sample, temperature=sampling.temperature if sample else None,
-                                  top_p=None, top_k=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                                  **stops)
+        device = self.model.device
+        out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                  max_new_tokens=sampling.max_new_tokens, do_sample=sample,
+                                  temperature=sampling.temperature if sample else None, top_p=None, top_k=None,
+                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **stops)
         texts = []
-        for row in out[:, width:].tolist():
+        for row in out[:, width:].cpu().tolist():
             if tok.eos_token_id in row:
                 row = row[:row.index(tok.eos_token_id)]
             self.generated_tokens += len(row)
