@@ -57,6 +57,8 @@ def server():
     log = []
 
     class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as real servers: no connection closed under a reused one
+
         def log_message(self, *args):
             pass
 
@@ -73,7 +75,10 @@ def server():
             self.end_headers()
             self.wfile.write(body)
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    class Server(ThreadingHTTPServer):
+        request_queue_size = 128  # two ranks' clients at once overflow the default backlog of 5
+
+    httpd = Server(("127.0.0.1", 0), Handler)
     threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}/v1", log
     httpd.shutdown()
@@ -220,10 +225,16 @@ def rows_of(run_dir) -> dict:
 
 def test_under_torchrun_every_request_is_made_once_and_the_rows_match(recipe, tmp_path, server):
     """The stages that ask the server, launched on two processes, against one process: the same
-    requests, each made once over both ranks (no reply cache: it lives in the stage folders, which
-    the copy has not), and the same rows."""
+    requests, every row asked once over both ranks (the reply caches live in the stage folders,
+    which the copy has not), and the same rows."""
     _, log = server
-    assert main(["run", str(recipe)]) == 0
+
+    def launch(*cmd: str) -> None:  # a fresh process each: no state left by earlier tests in this one
+        done = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, timeout=900,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=Path(__file__).parent.parent)
+        assert done.returncode == 0, done.stderr[-4000:]
+
+    launch("-m", "dalign.cli", "run", str(recipe))
     single = sorted(body for _, body in log)
     assert len(single) == len(set(single))  # one process asks each request once
     copy = tmp_path / "launched"
@@ -231,12 +242,13 @@ def test_under_torchrun_every_request_is_made_once_and_the_rows_match(recipe, tm
     for stage in (*GENERATED, "report"):
         shutil.rmtree(copy / stage, ignore_errors=True)
     log.clear()
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "dalign.cli"]
-    done = subprocess.run([*torchrun, "run", str(recipe), f"run_dir={copy}"], capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=Path(__file__).parent.parent)
-    assert done.returncode == 0, done.stderr[-4000:]
-    assert sorted(body for _, body in log) == single
+    launch("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "dalign.cli", "run", str(recipe),
+           f"run_dir={copy}")
+    # The same distinct requests. Two models that write the same answer make the same judge request:
+    # one process answers the second from its reply cache, two ranks may each ask it (both at once).
+    assert set(body for _, body in log) == set(single)
     assert rows_of(copy) == rows_of(tmp_path / "run")
-    for stage in ("dialogues", "completions", "ratings", "evaluate"):  # the manifests count both ranks' requests
-        asked = {name: u["requests"] for name, u in manifest(copy, stage)["usage"].items()}
-        assert asked == {name: u["requests"] for name, u in manifest(tmp_path / "run", stage)["usage"].items()}, stage
+    for stage in ("dialogues", "completions", "ratings", "evaluate"):  # every row asked once over both ranks,
+        def asked(run):  # from the server or from the cache, and the manifest counts both ranks
+            return {name: u["requests"] + u["cache_hits"] for name, u in manifest(run, stage)["usage"].items()}
+        assert asked(copy) == asked(tmp_path / "run"), stage
