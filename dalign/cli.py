@@ -6,11 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from dalign.config import ConfigError, load_recipe
+from dalign.config import ConfigError
 from dalign.data import RowError
 from dalign.manifest import StageDirError
 from dalign.models import ModelError
 from dalign.parallel import Engine, LaunchError, is_main, launched_engine, launched_processes
+from dalign.recipe import load_recipe
 from dalign.run import MissingInputError, run_recipe, score_table
 from dalign.serving import ServeError
 

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import math
 
-from dalign.config import RecipeConfig, TrainConfig
+from dalign.config import TrainConfig
 from dalign.parallel import Engine
+from dalign.recipe import RecipeConfig
 
 GIB = 1024 ** 3
 

@@ -13,10 +13,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from dalign.backends import Backend
-from dalign.config import MemberConfig, RecipeConfig, RoleSpec, TeacherConfig
+from dalign.config import MemberConfig, RoleSpec, TeacherConfig
 from dalign.generation import LocalModel
 from dalign.models import resolve
 from dalign.parallel import summed_over_processes
+from dalign.recipe import RecipeConfig
 from dalign.world.roles import Flaws, WorldTeacher
 
 

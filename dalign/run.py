@@ -13,9 +13,10 @@ from __future__ import annotations
 
 from dalign import binarize, completions, dpo, evaluate, generate, pretrain, rate, serving, sft
 from dalign.adapters import check as check_lora
-from dalign.config import ConfigError, RecipeConfig
+from dalign.config import ConfigError
 from dalign.manifest import Stage
 from dalign.parallel import barrier, is_main, launched_processes
+from dalign.recipe import RecipeConfig
 
 RUNNERS = {"base": pretrain.stage, "dialogues": generate.stage, "sft": sft.stage, "completions": completions.stage,
            "ratings": rate.stage, "pairs": binarize.stage, "dpo": dpo.stage, "evaluate": evaluate.stage}

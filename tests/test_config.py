@@ -8,9 +8,10 @@ import pytest
 from pydantic import BaseModel, ValidationError
 
 from dalign.config import (
-    BaseConfig, ConfigError, DialoguesConfig, DryRunConfig, EvalConfig, MemberConfig, ModelShape, RecipeConfig, RoleSpec,
-    SFTConfig, StartModel, TeacherConfig, TeacherRole, TrainConfig, load_recipe,
+    BaseConfig, ConfigError, DialoguesConfig, EvalConfig, MemberConfig, ModelShape, RoleSpec, SFTConfig,
+    TeacherConfig, TeacherRole, TrainConfig,
 )
+from dalign.recipe import DryRunConfig, RecipeConfig, StartModel, load_recipe
 
 OFFLINE = Path(__file__).resolve().parent.parent / "recipes" / "offline.yaml"
 

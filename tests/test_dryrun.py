@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from dalign.cli import main
-from dalign.config import ConfigError, load_recipe
+from dalign.config import ConfigError
 from dalign.dryrun import GIB, activation_bytes, dry_run, model_on_meta, model_state_bytes
 from dalign.parallel import Engine
+from dalign.recipe import load_recipe
 
 ZEPHYR = Path(__file__).resolve().parent.parent / "recipes" / "zephyr-7b-beta.yaml"
 

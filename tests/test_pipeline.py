@@ -9,9 +9,10 @@ import json
 import pytest
 
 from dalign.cli import main
-from dalign.config import ConfigError, load_recipe
+from dalign.config import ConfigError
 from dalign.manifest import config_hash
 from dalign.pretrain import build_model
+from dalign.recipe import load_recipe
 from dalign.run import plan
 from test_dpo import TINY
 

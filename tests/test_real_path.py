@@ -21,9 +21,10 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from dalign.cli import main
-from dalign.config import ConfigError, load_recipe
+from dalign.config import ConfigError
 from dalign.data import write_rows
 from dalign.pretrain import build_model
+from dalign.recipe import load_recipe
 from dalign.run import plan, run_recipe
 from test_dpo import TINY, world_pairs
 

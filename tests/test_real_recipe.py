@@ -10,9 +10,10 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from dalign.cli import main
-from dalign.config import ConfigError, load_recipe
+from dalign.config import ConfigError
 from dalign.data import write_rows
 from dalign.pretrain import build_model
+from dalign.recipe import load_recipe
 from dalign.run import run_recipe as run
 from test_dpo import TINY, world_pairs
 from test_mc import ARC_FILES, needs_arc, needs_lm_eval

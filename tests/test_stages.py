@@ -20,7 +20,7 @@ from dalign.chat import ZEPHYR_TEMPLATE
 from dalign.cli import main
 from dalign.data import read_rows, validate_dialogue
 from dalign.manifest import config_hash
-from dalign.config import load_recipe
+from dalign.recipe import load_recipe
 from dalign.run import plan
 
 RECIPE = """\
