@@ -67,7 +67,8 @@ def start(spec: ServeConfig, model: str, out: Path, name: str):
         servers.append(_launch(spec, model, out, name if n == 1 else f"{name}-{j}", gpu))
     backends = []
     for label, proc, port, log_path in servers:
-        _wait_healthy(proc, port, spec, log_path)
+        wait_healthy(proc, f"http://127.0.0.1:{port}{spec.health_path}", spec.startup_timeout_s, log_path,
+                     " ".join(spec.command.split()[:2]))
         print(f"[serve] {label}: {spec.command.split()[0]} on {model} at port {port} (pid {proc.pid})")
         config = OpenAIConfig(base_url=f"http://127.0.0.1:{port}/v1", model=model, api_key_env=None,
                               max_concurrency=spec.max_concurrency, timeout_s=spec.timeout_s,
@@ -107,7 +108,8 @@ class Spread:
                 "requests_per_server": [s["requests"] for s in shares]}
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 free now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -121,7 +123,7 @@ def _die_with_parent() -> None:
 
 def _launch(spec: ServeConfig, model: str, out: Path, name: str, gpu: dict) -> tuple:
     """Start one server; its stop is registered with the stage. Returns (name, process, port, log)."""
-    port = _free_port()
+    port = free_port()
     argv = shlex.split(spec.command.format(model=shlex.quote(model), port=port))
     out.mkdir(parents=True, exist_ok=True)
     log_path, info_path = out / f"serve-{name}.log", out / f"serve-{name}.json"
@@ -142,19 +144,21 @@ def _launch(spec: ServeConfig, model: str, out: Path, name: str, gpu: dict) -> t
     return name, proc, port, log_path
 
 
-def _wait_healthy(proc: subprocess.Popen, port: int, spec: ServeConfig, log_path: Path) -> None:
-    deadline = time.monotonic() + spec.startup_timeout_s
+def wait_healthy(proc: subprocess.Popen, url: str, timeout_s: float, log_path: Path, what: str) -> None:
+    """Poll the server's health `url` until it answers 200; a server that exits or stays unhealthy
+    for `timeout_s` is a ServeError with the end of its log."""
+    deadline = time.monotonic() + timeout_s
     while True:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}{spec.health_path}", timeout=2) as reply:
+            with urllib.request.urlopen(url, timeout=2) as reply:
                 if reply.status == 200:
                     return
         except OSError:
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
-            why = f"exited with {proc.returncode}" if proc.poll() is not None else f"not healthy after {spec.startup_timeout_s:g} s"
+            why = f"exited with {proc.returncode}" if proc.poll() is not None else f"not healthy after {timeout_s:g} s"
             tail = log_path.read_text(errors="replace")[-2000:]
-            raise ServeError(f"the server {' '.join(spec.command.split()[:2])} {why}; the end of {log_path}:\n{tail}")
+            raise ServeError(f"the server {what} {why}; the end of {log_path}:\n{tail}")
         time.sleep(0.5)
 
 

@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from dalign.cli import main
+from dalign.serving import free_port
 from test_stages import write_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,12 +30,6 @@ TWO = ["sft.global_batch_size=8", "sft.per_device_batch_size=2", "dpo.global_bat
 
 def manifest(run_dir: Path, stage: str) -> dict:
     return json.loads((run_dir / stage / "manifest.json").read_text())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launched(cmd: list[str]) -> subprocess.CompletedProcess:

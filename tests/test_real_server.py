@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -28,15 +25,10 @@ from dalign.generate import run_dialogues
 from dalign.openai_backend import OpenAIBackend, OpenAIConfig
 from dalign.prompted import PromptedJudge, PromptedUser
 from dalign.rate import run_rating
+from dalign.serving import free_port, wait_healthy
 
 CLI = Path(sys.executable).parent / "transformers"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -61,17 +53,7 @@ def server(world_tokenizer, tmp_path_factory):
     proc = subprocess.Popen([str(CLI), "serve", str(folder), "--host", "127.0.0.1", "--port", str(port)],
                             env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"transformers serve did not come up:\n{(root / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
+        wait_healthy(proc, f"http://127.0.0.1:{port}/health", 180, root / "server.log", "transformers serve")
         yield OpenAIConfig(base_url=f"http://127.0.0.1:{port}/v1", model=str(folder), api_key_env=None,
                            max_concurrency=2, timeout_s=60, max_retries=1, backoff_base_s=0.1, backoff_max_s=0.5,
                            cache_dir=str(root / "cache"))
