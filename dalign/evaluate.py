@@ -238,7 +238,8 @@ def stage(recipe, out: Path, inputs: dict[str, Path]) -> dict:
             answers = json.loads((out / f"answers_{label}.json").read_text())
             _once(out / f"win_rate_{label}_vs_{ref_label}.json", lambda: win_rate(instructions, answers, reference, comparer))
     test_pairs = inputs["pairs"] / "test.jsonl"
-    scored = [k for k in models if k.startswith("dpo-") and "reward_accuracy" in parts and read_rows(test_pairs)]
+    held_out = "reward_accuracy" in parts and bool(read_rows(test_pairs))  # read once, not per model
+    scored = [k for k in models if k.startswith("dpo-") and held_out]
     for label in (x for x in mine if x in scored):
         start = json.loads((inputs[label] / "manifest.json").read_text())["reference"]
         _once(out / f"reward_accuracy_{label}.json", lambda: reward_accuracy(
