@@ -208,6 +208,6 @@ def stage(recipe, out: Path, inputs: dict[str, Path], variant_name: str) -> dict
 
     variant = next(v for v in recipe.variants if v.name == variant_name)
     start = Path(resolve(roles.models(recipe, inputs)["sft" if variant.start == "sft" else "start"]))
-    cfg = recipe.dpo.model_copy(update={"epochs": variant.epochs or recipe.dpo.epochs})
+    cfg = recipe.dpo_for(variant)
     return {"seeds": {"data_order": cfg.seed}, "start": variant.start,
             **run_dpo(cfg, start, start, inputs["pairs"] / "train.jsonl", out)}

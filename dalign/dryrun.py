@@ -85,7 +85,7 @@ def dry_run(recipe: RecipeConfig, processes: int, engine: Engine) -> str:
              f"{params / 1e9:.2f}B parameters; {processes} processes, engine {engine.value}"]
     # Tokens of one micro-batch: packed SFT rows of max_length; a DPO pair at most twice max_length.
     # dDPO as the recipe's model is trained: its first variant's epochs.
-    dpo = recipe.dpo.model_copy(update={"epochs": recipe.variants[0].epochs or recipe.dpo.epochs})
+    dpo = recipe.dpo_for(recipe.variants[0])
     for name, cfg, rows, seqs in (("sft", recipe.sft, recipe.dry_run.sft_rows, 1), ("dpo", dpo, recipe.dry_run.dpo_rows, 2)):
         if name in recipe.skip:
             lines.append(f"  {name}: skipped (skip)")

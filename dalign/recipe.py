@@ -84,6 +84,10 @@ class RecipeConfig(Strict):
     def world_start(self) -> bool:
         return self.start is None
 
+    def dpo_for(self, variant: DPOVariant) -> DPOConfig:
+        """The dDPO config one variant trains with: its epochs, else dpo.epochs."""
+        return self.dpo.model_copy(update={"epochs": variant.epochs or self.dpo.epochs})
+
     @model_validator(mode="after")
     def _coherent(self):
         check_sources(self)

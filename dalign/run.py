@@ -51,7 +51,7 @@ def plan(recipe: RecipeConfig) -> dict[str, tuple[tuple[str, ...], dict]]:
     dpo_names = []
     for v in recipe.variants:
         dpo_names.append(f"dpo-{v.name}")
-        variant = {**v.model_dump(), "epochs": v.epochs or recipe.dpo.epochs}
+        variant = {**v.model_dump(), "epochs": recipe.dpo_for(v).epochs}
         from_sft = v.start == "sft"
         stages[dpo_names[-1]] = ((("sft",) if from_sft else origin) + ("pairs",),
                                  {**config("dpo", reads_start=not from_sft), "variant": variant})
