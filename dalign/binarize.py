@@ -52,20 +52,24 @@ def binarize_row(row: dict, rule: Rejection, seed: int) -> tuple[dict | None, st
             "chosen_model": chosen.get("model"), "rejected_model": rejected.get("model")}, None
 
 
-def is_test(prompt_id: str, fraction: float, seed: int) -> bool:
-    """Seeded hold-out by prompt id: stable whatever the order or number of rows."""
-    return _rng(seed, f"split:{prompt_id}").random() < fraction
+def split_of(prompt_id: str, test_fraction: float, dev_fraction: float, seed: int) -> str:
+    """Seeded hold-out by prompt id: stable whatever the order or number of rows. One draw decides
+    both hold-outs, so adding a dev split takes its prompts from training, never from test."""
+    u = _rng(seed, f"split:{prompt_id}").random()
+    return "test" if u < test_fraction else "dev" if u < test_fraction + dev_fraction else "train"
 
 
-def binarize(rows: list[dict], rule: Rejection, seed: int, test_fraction: float) -> tuple[list[dict], list[dict], Counter]:
-    train, test, dropped = [], [], Counter()
+def binarize(rows: list[dict], rule: Rejection, seed: int, test_fraction: float,
+             dev_fraction: float = 0.0) -> tuple[dict[str, list[dict]], Counter]:
+    """The pairs by split (train, test, dev) and the rows dropped, by reason."""
+    splits, dropped = {"train": [], "test": [], "dev": []}, Counter()
     for row in rows:
         pair, reason = binarize_row(row, rule, seed)
         if pair is None:
             dropped[reason] += 1
         else:
-            (test if is_test(str(row["prompt_id"]), test_fraction, seed) else train).append(pair)
-    return train, test, dropped
+            splits[split_of(str(row["prompt_id"]), test_fraction, dev_fraction, seed)].append(pair)
+    return splits, dropped
 
 
 def stage(recipe, out, inputs: dict) -> dict:
@@ -83,13 +87,14 @@ def stage(recipe, out, inputs: dict) -> dict:
                 for split, source in (("train", cfg.source), ("test", cfg.held_out))}
         return {"rows": {"kept": read["train"]["kept"] + read["test"]["kept"],
                          "dropped": {f"{s}:{k}": v for s in read for k, v in read[s]["dropped"].items()}}, **read}
-    train, test, dropped = binarize(read_rows(inputs["ratings"] / "ratings.jsonl"), cfg.rejection, cfg.seed,
-                                    cfg.test_fraction)
-    write_rows(out / "train.jsonl", train)
-    write_rows(out / "test.jsonl", test)
-    differ = sum(r["score_chosen"] > r["score_rejected"] for r in train + test)
-    facts = {"seeds": {"picks_and_split": cfg.seed}, "rows": {"kept": len(train) + len(test), "dropped": dict(dropped)},
-             "train": len(train), "test": len(test), "share_scores_differ": differ / max(1, len(train) + len(test))}
+    splits, dropped = binarize(read_rows(inputs["ratings"] / "ratings.jsonl"), cfg.rejection, cfg.seed,
+                               cfg.test_fraction, cfg.dev_fraction)
+    for split, rows in splits.items():
+        write_rows(out / f"{split}.jsonl", rows)
+    every = [r for rows in splits.values() for r in rows]
+    differ = sum(r["score_chosen"] > r["score_rejected"] for r in every)
+    facts = {"seeds": {"picks_and_split": cfg.seed}, "rows": {"kept": len(every), "dropped": dict(dropped)},
+             **{split: len(rows) for split, rows in splits.items()}, "share_scores_differ": differ / max(1, len(every))}
     if cfg.held_out is not None:
         facts["test"] = read_source(cfg.held_out, read_preferences, out / "test.jsonl")
     return facts

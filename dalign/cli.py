@@ -12,7 +12,7 @@ from dalign.manifest import StageDirError
 from dalign.models import ModelError
 from dalign.parallel import Engine, LaunchError, is_main, launched_engine, launched_processes
 from dalign.recipe import load_recipe
-from dalign.run import MissingInputError, run_recipe, score_table
+from dalign.run import MissingInputError, evaluation_stage, run_recipe, score_table
 from dalign.serving import ServeError
 
 DEFAULT_RECIPE = None  # the built-in offline world; recipes/offline.yaml spells the same values out
@@ -120,9 +120,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "report":
         from dalign.report import write_report  # matplotlib is only needed here
 
+        from dalign.paper import write_paper_report
+
         runs = [Path(r) for r in args.runs]
         try:
-            path = write_report(runs, Path(args.out) if args.out else runs[0] / "report")
+            if len(runs) == 1 and any(runs[0].glob("seed-*")):  # a recipe's seeds: the paper's tables over them
+                path = write_paper_report(runs[0], Path(args.out) if args.out else None)
+            else:
+                path = write_report(runs, Path(args.out) if args.out else runs[0] / "report")
         except FileNotFoundError as err:
             print(f"dalign: error: {err}", file=sys.stderr)
             return 2
@@ -145,12 +150,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, RowError, StageDirError, MissingInputError, ModelError, LaunchError, ServeError) as err:
         print(f"dalign: error: {err}", file=sys.stderr)
         return 2
-    if "evaluate" in manifests and is_main():
-        print("\n" + score_table(manifests["evaluate"]))
-        if args.command == "run":
+    evaluation = manifests.get(evaluation_stage(recipe))
+    if evaluation is not None and is_main():
+        print(("\n" + f"{evaluation_stage(recipe)} (last seed's run, seed {recipe.seeds[-1]})" if recipe.seeds else "")
+              + "\n" + score_table(evaluation))
+        if args.command == "run" and recipe.evaluate.split == "test":  # a dev evaluation is for choosing, not reporting
+            from dalign.paper import write_paper_report
             from dalign.report import write_report
 
-            path = write_report([Path(recipe.run_dir)], Path(recipe.run_dir) / "report")
+            run = Path(recipe.run_dir)
+            path = write_paper_report(run) if recipe.seeds else write_report([run], run / "report")
             print(f"\nreport: {path} and {path.with_suffix('.html')}")
     return 0
 

@@ -386,6 +386,9 @@ class PairsConfig(Strict):
     """How the rejected completion is picked: random (the paper), random_lower or worst."""
     test_fraction: float = Field(0.1, ge=0, lt=1)
     """Share of prompts held out as the test split."""
+    dev_fraction: float = Field(0.0, ge=0, lt=1)
+    """Share of prompts held out as the dev split (dev.jsonl), apart from the test split and
+    training; a prompt's split is one seeded draw, so the test split is the same whatever this is."""
     seed: int = 0
     """Seed of the picks and of the split."""
     source: SourceConfig | None = None
@@ -432,6 +435,13 @@ class DPOVariant(Strict):
     start when `start` is world."""
     epochs: float | None = Field(None, gt=0)
     """Passes over the preference pairs; None: dpo.epochs."""
+    learning_rate: float | None = Field(None, gt=0)
+    """Peak learning rate of this variant; None: dpo.learning_rate (sft.learning_rate for method sft)."""
+    beta: float | None = Field(None, gt=0)
+    """DPO's beta for this variant; None: dpo.beta."""
+    method: Literal["dpo", "sft"] = "dpo"
+    """dpo: DPO on the pairs; sft: SFT (the sft section's settings) on the pairs' chosen answers
+    only, the paper's dSFT-2 row, with the variant's start as the reference of its reward accuracy."""
 
 
 def _default_variants() -> list[DPOVariant]:
@@ -454,6 +464,11 @@ class EvalConfig(Strict):
     (when `alpaca_eval` is not set)."""
     seed: int = 1234
     """Seed of the held-out questions and of sampling; kept apart from the training seeds."""
+    split: Literal["dev", "test"] = "test"
+    """Held-out split scored: test (the reported figures) or dev (for choosing settings). The world's
+    test questions and win-rate instructions are drawn first, then the dev ones, each draw apart from
+    every training prompt and every earlier draw; the reward accuracy reads the pairs' split of the
+    same name. A question or instruction file is its own split."""
     mt_bench: SourceConfig | None = None
     """MT-Bench question file (question_id, category, turns, reference) graded by roles.judge; None:
     questions_per_category held-out world questions per category."""

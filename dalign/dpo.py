@@ -15,6 +15,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -200,14 +201,34 @@ def run_dpo(cfg: DPOConfig, policy_path: Path, reference_path: Path, pairs_path:
             "reference_logps_key": ref_key}
 
 
+def chosen_dialogues(pairs_path: Path, out: Path) -> Path:
+    """The training pairs' chosen answers as dialogue rows (prompt + chosen), for SFT on them."""
+    from dalign.data import write_rows
+
+    rows = read_rows(pairs_path, validate=validate_preference)
+    path = out / "chosen_dialogues.jsonl"
+    write_rows(path, [{"id": str(r.get("prompt_id", i)), "messages": r["prompt"] + r["chosen"]} for i, r in enumerate(rows)])
+    return path
+
+
 def stage(recipe, out: Path, inputs: dict[str, Path], variant_name: str) -> dict:
     """A `dpo-<variant>` stage: dDPO on the training pairs from the variant's start ('sft', or the
-    recipe's starting model), which is also the frozen reference."""
+    recipe's starting model), which is also the frozen reference; or, for a variant of method sft
+    (the paper's dSFT-2), SFT from that start on the pairs' chosen answers."""
     from dalign import roles
     from dalign.models import resolve
+    from dalign.sft import run_sft
 
     variant = next(v for v in recipe.variants if v.name == variant_name)
     start = Path(resolve(roles.models(recipe, inputs)["sft" if variant.start == "sft" else "start"]))
     cfg = recipe.dpo_for(variant)
-    return {"seeds": {"data_order": cfg.seed}, "start": variant.start,
-            **run_dpo(cfg, start, start, inputs["pairs"] / "train.jsonl", out)}
+    pairs = inputs["pairs"] / "train.jsonl"
+    if variant.method == "sft":
+        sft = recipe.sft.model_copy(update={"epochs": cfg.epochs, "seed": cfg.seed,
+                                            "learning_rate": variant.learning_rate or recipe.sft.learning_rate})
+        out.mkdir(parents=True, exist_ok=True)
+        replay = np.load(inputs["base"] / "corpus_tokens.npy") if recipe.world_start else None  # as the dSFT stage
+        tokenizer = None if recipe.world_start else roles.tokenizer(recipe, inputs)
+        facts = run_sft(sft, start, chosen_dialogues(pairs, out), out, replay, tokenizer)
+        return {"seeds": {"data_order": sft.seed}, "start": variant.start, "method": "sft", "reference": str(start), **facts}
+    return {"seeds": {"data_order": cfg.seed}, "start": variant.start, **run_dpo(cfg, start, start, pairs, out)}

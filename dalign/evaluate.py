@@ -30,11 +30,12 @@ from dalign.world.roles import WorldTeacher, WorldUser, fresh_openings
 NEEDS_REFERENCE = ("math", "reasoning", "coding")  # as in FastChat's llm_judge
 
 
-def make_questions(per_category: int, seed: int, exclude: set[str]) -> list[dict]:
-    """Held-out two-turn questions in MT-Bench's format, with the teacher's reference answers."""
+def make_questions(per_category: int, seed: int, exclude: set[str], tag: str = "eval") -> list[dict]:
+    """Held-out two-turn questions in MT-Bench's format, with the teacher's reference answers; each
+    first turn is added to `exclude` (dalign.world.roles.fresh_openings)."""
     user, reference = WorldUser(seed=seed), WorldTeacher()
     rows = []
-    for category, first in fresh_openings(per_category, seed, "eval", exclude):
+    for category, first in fresh_openings(per_category, seed, tag, exclude):
         conv = [{"role": "user", "content": first}]
         conv.append({"role": "assistant", "content": reference.answer(conv)})
         second = user.ask([{"role": "system", "content": ""}] + conv)
@@ -159,18 +160,33 @@ def reward_accuracy(policy_path, reference_path, pairs_path: Path, beta: float, 
     return {"reward_accuracy": rate, "ci95": half, "pairs": len(wins), "too_long": dropped["too_long"]}
 
 
-def _win_rate_inputs(cfg: EvalConfig, models: dict, seen: set[str]) -> tuple[list[str], list[str] | None, str, str]:
-    """Instructions, reference answers (None: a model of this run's, answered in the stage), the
-    reference's label in file names and its name: an AlpacaEval file's outputs, else world
-    instructions answered by the dSFT model (the start when sft is skipped)."""
-    from dalign.readers import read_alpaca_eval
+def held_out(cfg: EvalConfig, models: dict, seen: set[str]) -> tuple[list[dict], tuple]:
+    """The split's two-turn questions and its win-rate inputs (dalign.winrate): instructions, reference
+    answers (None: a model of this run's, answered in the stage), the reference's label in file names
+    and its name. From the world: the test questions and instructions are drawn first, then the dev
+    ones, each draw avoiding `seen` (every training prompt) and every earlier draw, so the splits are
+    disjoint and the test split is the same whichever is scored. A file is read as it is."""
+    from dalign.readers import read_alpaca_eval, read_mt_bench
 
+    drawn = {}
+    for split in ("test", "dev"):
+        tag = "" if split == "test" else "-dev"  # the test draw keeps the tags it had before the dev split
+        questions = make_questions(cfg.questions_per_category, cfg.seed, seen, "eval" + tag) if not cfg.mt_bench else None
+        drawn[split] = questions, [text for _, text in fresh_openings(cfg.win_rate_instructions // 8, cfg.seed,
+                                                                     "winrate" + tag, seen)]
+        if split == cfg.split:
+            break
+    questions, instructions = drawn[cfg.split]
+    if cfg.mt_bench:
+        questions = read_mt_bench(cfg.mt_bench)
     if cfg.alpaca_eval is not None:
         rows = read_alpaca_eval(cfg.alpaca_eval)
-        return [r["instruction"] for r in rows], [r["output"] for r in rows], "reference", rows[0]["generator"] if rows else None
-    instructions = [text for _, text in fresh_openings(cfg.win_rate_instructions // 8, cfg.seed, "winrate", seen)]
-    label = "sft" if "sft" in models else next(iter(models))
-    return instructions, None, label, label
+        reference = ([r["instruction"] for r in rows], [r["output"] for r in rows], "reference",
+                     rows[0]["generator"] if rows else None)
+    else:
+        label = "sft" if "sft" in models else next(iter(models))
+        reference = (instructions, None, label, label)
+    return questions, reference
 
 
 MT_BENCH_KEYS = ("score", "ci95", "categories", "judge_failures", "questions")
@@ -185,23 +201,20 @@ def _once(path: Path, compute) -> dict:
     return json.loads(path.read_text())
 
 
-def stage(recipe, out: Path, inputs: dict[str, Path]) -> dict:
+def stage(recipe, out: Path, inputs: dict[str, Path], split: str | None = None) -> dict:
     """The `evaluate` stage, for every model of the run (the start, dSFT, each dDPO variant):
     MT-Bench-style grades by roles.judge (with greedy accuracy and pass@k when the judge tells
     right from wrong, as the world's does); the win rate by roles.comparer against the
     reference answers; each variant's held-out reward accuracy; multiple choice when asked."""
     from dalign import roles
     from dalign.completions import seen_prompts
-    from dalign.readers import read_mt_bench
     from dalign.winrate import win_rate
 
     cfg, paths = recipe.evaluate, roles.models(recipe, inputs)
     models = {("base" if recipe.world_start else "start"): paths["start"],
-              **{k: v for k, v in paths.items() if k == "sft" or k.startswith("dpo-")}}
+              **{k: v for k, v in paths.items() if k.split("-")[0] in ("sft", "dpo")}}
     seen, parts = seen_prompts(inputs), {"mt_bench", "win_rate", "reward_accuracy"} - set(cfg.skip)
-    # The world's held-out questions, then instructions: each draw avoids every prompt drawn before.
-    questions = read_mt_bench(cfg.mt_bench) if cfg.mt_bench else make_questions(cfg.questions_per_category, cfg.seed, seen)
-    instructions, reference, ref_label, ref_name = _win_rate_inputs(cfg, models, seen)
+    questions, (instructions, reference, ref_label, ref_name) = held_out(cfg, models, seen)
     judge, comparer = (roles.backend(recipe, role, inputs, out) if part in parts else None
                        for role, part in (("judge", "mt_bench"), ("comparer", "win_rate")))
     correctness = recipe.roles.judge.world is not None
@@ -237,13 +250,14 @@ def stage(recipe, out: Path, inputs: dict[str, Path]) -> dict:
         for label in (x for x in mine if x != ref_label):
             answers = json.loads((out / f"answers_{label}.json").read_text())
             _once(out / f"win_rate_{label}_vs_{ref_label}.json", lambda: win_rate(instructions, answers, reference, comparer))
-    test_pairs = inputs["pairs"] / "test.jsonl"
-    held_out = "reward_accuracy" in parts and bool(read_rows(test_pairs))  # read once, not per model
-    scored = [k for k in models if k.startswith("dpo-") and held_out]
+    test_pairs = inputs["pairs"] / f"{cfg.split}.jsonl"  # the split's pairs (read pairs have no dev split)
+    has_pairs = "reward_accuracy" in parts and test_pairs.exists() and bool(read_rows(test_pairs))  # read once
+    scored = [k for k in models if k.startswith("dpo-") and has_pairs]
     for label in (x for x in mine if x in scored):
         start = json.loads((inputs[label] / "manifest.json").read_text())["reference"]
+        beta = recipe.dpo_for(next(v for v in recipe.variants if f"dpo-{v.name}" == label)).beta
         _once(out / f"reward_accuracy_{label}.json", lambda: reward_accuracy(
-            models[label], start, test_pairs, recipe.dpo.beta, recipe.dpo.max_length))
+            models[label], start, test_pairs, beta, recipe.dpo.max_length))
     if cfg.mc is not None:
         from dalign.mc import MCConfig, run_mc
 
@@ -259,7 +273,7 @@ def stage(recipe, out: Path, inputs: dict[str, Path]) -> dict:
             summary[label]["reward_accuracy"] = json.loads((out / f"reward_accuracy_{label}.json").read_text())
         if cfg.mc is not None:
             summary[label]["mc"] = json.loads((out / f"mc_{label}" / "mc.json").read_text())["results"]
-    return {"seeds": {"questions_and_sampling": cfg.seed}, "judge": judge and judge.name,
+    return {"seeds": {"questions_and_sampling": cfg.seed}, "split": cfg.split, "judge": judge and judge.name,
             "comparer": comparer and comparer.name,
             "reference": ref_name, "results": summary,
             "rows": {k: n for k, n, part in (("questions", len(questions), "mt_bench"),

@@ -54,6 +54,7 @@ class MCTask(str, Enum):
     HELLASWAG = "hellaswag"
     MMLU = "mmlu"
     TRUTHFULQA_MC2 = "truthfulqa_mc2"
+    WORLD_FACTS = "world_facts"  # built in: the offline world's atlas (dalign.world.quiz), no data to fetch
 
     @property
     def facts(self) -> _Facts:
@@ -72,14 +73,16 @@ _FACTS = {
     # Its prompt already holds six fixed question-answer examples, and it has no training split.
     MCTask.TRUTHFULQA_MC2: _Facts(0, "validation", None, "truthfulqa/truthful_qa (config multiple_choice)",
                                   "truthfulqa"),
+    MCTask.WORLD_FACTS: _Facts(0, "test", None, "none: built from dalign.world.quiz", ""),
 }
 
 
 class MCConfig(Strict):
     model: str
     """Model to score: a local folder, a hub id or a built-in name (see dalign.models.resolve)."""
-    tasks: list[MCTask] = Field(default_factory=lambda: list(MCTask), min_length=1)
-    """Benchmarks to run, among arc_challenge, hellaswag, mmlu and truthfulqa_mc2."""
+    tasks: list[MCTask] = Field(default_factory=lambda: [t for t in MCTask if t is not MCTask.WORLD_FACTS], min_length=1)
+    """Benchmarks to run, among arc_challenge, hellaswag, mmlu, truthfulqa_mc2 (the Leaderboard's, the
+    default) and world_facts (the offline world's atlas, 0-shot)."""
     num_fewshot: dict[MCTask, NonNegativeInt] = Field(default_factory=lambda: {t: t.facts.shots for t in MCTask})
     """Few-shot examples per task; a task left out takes the Leaderboard's count (25, 10, 5, 0)."""
     limit: int | None = Field(None, ge=1)
@@ -108,6 +111,8 @@ class MCConfig(Strict):
                 raise ValueError(f"{task.value} takes no few-shot examples (it has no split to draw them from; "
                                  f"the Leaderboard runs it 0-shot), got num_fewshot {self.shots(task)}")
         for task, files in self.data.items():
+            if task is MCTask.WORLD_FACTS:
+                raise ValueError("data is given for world_facts, which is built in (dalign.world.quiz)")
             if task not in self.tasks:
                 raise ValueError(f"data is given for {task.value}, which is not among tasks")
             needed = {task.facts.eval_split} | ({task.facts.fewshot_split} if self.shots(task) else set())
@@ -229,6 +234,21 @@ def _build(manager, task: MCTask, shots: int, files: dict[str, Path] | None) -> 
     return kept, missing
 
 
+def _world_facts(manager, out: Path) -> Path:
+    """Write the world's questions into `out` and index the task built from them."""
+    from lm_eval.tasks._index import Entry, Kind
+
+    from dalign.data import write_rows
+    from dalign.world.quiz import fact_questions, task_config
+
+    out.mkdir(parents=True, exist_ok=True)
+    path = (out / "world_facts.jsonl").resolve()
+    write_rows(path, fact_questions())
+    manager.task_index["world_facts"] = Entry(name="world_facts", kind=Kind.TASK, yaml_path=None,
+                                              cfg=task_config(str(path)), tags=set())
+    return path
+
+
 def _load(manager, task: MCTask, files: dict[str, Path] | None):
     """The lm_eval Task (or Group, for MMLU), its datasets loaded."""
     try:
@@ -293,8 +313,13 @@ def run_mc(cfg: MCConfig, out: Path) -> dict:
                 raise MCError(f"data for {task.value}.{split}: {path} does not exist")
     # Indexing only the four tasks' folders: the whole of lm_eval/tasks takes ~13 s to scan.
     root = Path(lm_eval.__file__).parent / "tasks"
-    manager = TaskManager(include_defaults=False, include_path=[str(root / t.facts.folder) for t in cfg.tasks])
-    leaves = {task: _build(manager, task, cfg.shots(task), data.get(task)) for task in cfg.tasks}
+    bundled = [t for t in cfg.tasks if t is not MCTask.WORLD_FACTS]
+    manager = TaskManager(include_defaults=False, include_path=[str(root / t.facts.folder) for t in bundled] or None)
+    leaves = {task: _build(manager, task, cfg.shots(task), data.get(task)) for task in bundled}
+    if MCTask.WORLD_FACTS in cfg.tasks:
+        data[MCTask.WORLD_FACTS] = {"test": _world_facts(manager, out)}
+        leaves[MCTask.WORLD_FACTS] = (["world_facts"], [])
+        leaves = {task: leaves[task] for task in cfg.tasks}  # in the order asked
     loaded = [_load(manager, task, data.get(task)) for task in cfg.tasks]
     if not Path(pretrained).exists():
         from transformers import AutoConfig

@@ -72,6 +72,10 @@ def run_pretrain(cfg: BaseConfig, out: Path) -> dict:
     return {**summary, "corpus_tokens": int(len(tokens)), "vocab_size": len(tokenizer), "parameters": parameters}
 
 
-def stage(recipe, out: Path, inputs: dict) -> dict:
-    """The `base` stage of a recipe that starts from the world."""
-    return {"seeds": {"weights_and_data": recipe.base.seed}, **run_pretrain(recipe.base, out)}
+def stage(recipe, out: Path, inputs: dict, student: str | None = None) -> dict:
+    """The `base` stage of a recipe that starts from the world, or a student's `base-<name>`: the
+    same settings and corpus, the student's shape."""
+    cfg = recipe.base
+    if student is not None:
+        cfg = cfg.model_copy(update={"model": next(s for s in recipe.students if s.name == student).model})
+    return {"seeds": {"weights_and_data": cfg.seed}, **run_pretrain(cfg, out)}

@@ -15,7 +15,8 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from dalign.config import (BaseConfig, CompletionsConfig, ConfigError, DialoguesConfig, DPOConfig, DPOVariant,
-                           EvalConfig, PairsConfig, RatingConfig, RolesConfig, SFTConfig, Strict, _default_variants)
+                           EvalConfig, ModelShape, PairsConfig, RatingConfig, RolesConfig, SFTConfig, Strict,
+                           _default_variants)
 
 
 class StartModel(Strict):
@@ -38,6 +39,21 @@ class DryRunConfig(Strict):
     """Rows of the dSFT data (ultrachat_200k train_sft: 207,865)."""
     dpo_rows: int = Field(0, ge=0)
     """Preference pairs (ultrafeedback_binarized train_prefs: 61,135)."""
+
+
+class Student(Strict):
+    """A further student of another size, pretrained on the world's corpus and dSFT'd on the same
+    dialogues with the same settings, evaluated beside the others (the paper's Table 1 sets larger
+    models aligned by dSFT alone beside the small dDPO one)."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
+    """Short name; its stages are base-<name> and sft-<name>."""
+    model: ModelShape
+    """Shape of its base model (the base section's other settings train it)."""
+
+
+# Each section's seed that a recipe seed is added to: everything after the base model.
+SEEDED = ("dialogues", "sft", "completions", "rating", "pairs", "dpo")
 
 
 class RecipeConfig(Strict):
@@ -72,6 +88,21 @@ class RecipeConfig(Strict):
     """Evaluation of every model: MT-Bench style, win rate, held-out reward accuracy, multiple choice."""
     dry_run: DryRunConfig = DryRunConfig()
     """Data sizes for `dalign run --dry-run`."""
+    students: list[Student] = Field(default_factory=list)
+    """Students of other sizes aligned by dSFT only, evaluated beside the rest (world start only)."""
+    seeds: list[int] = Field(default_factory=list)
+    """Run every stage after the base model once per seed s, in run_dir/seed-<s>, with s added to the
+    seed of dialogues, sft, completions, rating, pairs and dpo (evaluate.seed stays: every seed is
+    scored on the same held-out draw); the base stages run once, in run_dir. Empty: one run, as set."""
+    shared_dir: str | None = None
+    """Folder holding the base stages (base, base-<student>) when several runs share them (set for each
+    seed's run by `seeds`); None: run_dir."""
+
+    def for_seed(self, seed: int) -> "RecipeConfig":
+        """The recipe one seed of `seeds` runs: seeds added, its own run_dir, the base stages shared."""
+        update = {s: getattr(self, s).model_copy(update={"seed": getattr(self, s).seed + seed}) for s in SEEDED}
+        return self.model_copy(update={**update, "seeds": [], "run_dir": f"{self.run_dir}/seed-{seed}",
+                                       "shared_dir": self.shared_dir or self.run_dir})
 
     @field_validator("start", mode="before")
     @classmethod
@@ -85,8 +116,9 @@ class RecipeConfig(Strict):
         return self.start is None
 
     def dpo_for(self, variant: DPOVariant) -> DPOConfig:
-        """The dDPO config one variant trains with: its epochs, else dpo.epochs."""
-        return self.dpo.model_copy(update={"epochs": variant.epochs or self.dpo.epochs})
+        """The dDPO config one variant trains with: its epochs, learning rate and beta, else the dpo section's."""
+        own = {k: getattr(variant, k) for k in ("epochs", "learning_rate", "beta") if getattr(variant, k) is not None}
+        return self.dpo.model_copy(update=own)
 
     @model_validator(mode="after")
     def _coherent(self):
@@ -119,6 +151,13 @@ def check_sources(r: "RecipeConfig") -> None:
             _refuse(key, "'base' is the world's pretrained model, and this recipe starts from a model: use 'start'")
         if ref == "sft" and not sft:
             _refuse(key, "'sft' names this run's dSFT model, but skip has sft")
+    if r.students and not r.world_start:
+        _refuse("students", "a student is pretrained on the world's corpus: students need start: world")
+    if len(set(r.seeds)) != len(r.seeds):
+        _refuse("seeds", f"a seed is listed twice: {r.seeds}")
+    names = [v.name for v in r.variants] + [s.name for s in r.students]
+    if len(set(names)) != len(names):
+        _refuse("variants", f"variant and student names must differ: {names}")
     world_data = "answers only the world's own instructions"
     if r.completions.prompts is not None and feedback:
         for i, m in enumerate(r.completions.members):

@@ -34,10 +34,12 @@ def _alignment(label: str, manifest: dict | None) -> str:
         return "none (base model)"
     if label == "start":
         return "none (starting model)"
-    if label == "sft":
-        return "dSFT"
+    if label == "sft" or label.startswith("sft-"):
+        return "dSFT" + (f" (student {label[4:]})" if label != "sft" else "")
     variant = manifest["config"]["variant"]
     epochs = f"{variant['epochs']:g} epoch{'s' if variant['epochs'] != 1 else ''}"
+    if variant.get("method") == "sft":
+        return f"dSFT-2: dSFT + SFT on the pairs' chosen answers ({epochs})"
     if variant["start"] == "sft":
         return f"dSFT + dDPO ({epochs})"
     start = "starting model" if "start" in manifest["config"] else "base model"  # a world start has no `start` key

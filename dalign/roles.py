@@ -23,14 +23,14 @@ from dalign.world.roles import Flaws, WorldTeacher
 
 def models(recipe: RecipeConfig, inputs: dict[str, Path]) -> dict[str, Path | str]:
     """This run's local models by name: 'start' (and 'base' on the world), 'sft' once trained,
-    and every dDPO variant's 'dpo-<name>' that the stage reads."""
+    each student's 'sft-<name>' and every dDPO variant's 'dpo-<name>' that the stage reads."""
     found: dict[str, Path | str] = {}
     if recipe.world_start:
         if "base" in inputs:
             found["base"] = found["start"] = inputs["base"] / "model"
     else:
         found["start"] = recipe.start.model
-    found.update({name: path / "model" for name, path in inputs.items() if name == "sft" or name.startswith("dpo-")})
+    found.update({name: path / "model" for name, path in inputs.items() if name.split("-")[0] in ("sft", "dpo")})
     return found
 
 

@@ -37,10 +37,14 @@ def plan(recipe: RecipeConfig) -> dict[str, tuple[tuple[str, ...], dict]]:
     stages: dict[str, tuple[tuple[str, ...], dict]] = {}
     if world:
         stages["base"] = ((), config("base"))
+    for student in recipe.students:  # its own base model, trained like the world's
+        stages[f"base-{student.name}"] = ((), {"base": recipe.base.model_copy(update={"model": student.model}).model_dump(mode="json")})
     if with_sft:
         writers = ("teacher", "user_simulator") if recipe.dialogues.source is None else ()
         stages["dialogues"] = (origin, config("dialogues", roles=writers))
         stages["sft"] = (origin + ("dialogues",), config("sft"))
+        for student in recipe.students:  # the same dialogues and settings
+            stages[f"sft-{student.name}"] = ((f"base-{student.name}", "dialogues"), config("sft"))
     trained = origin + (("dialogues", "sft") if with_sft else ())
     if recipe.pairs.source is None:
         stages["completions"] = (trained, config("completions"))
@@ -52,14 +56,22 @@ def plan(recipe: RecipeConfig) -> dict[str, tuple[tuple[str, ...], dict]]:
     for v in recipe.variants:
         dpo_names.append(f"dpo-{v.name}")
         variant = {**v.model_dump(), "epochs": recipe.dpo_for(v).epochs}
-        from_sft = v.start == "sft"
-        stages[dpo_names[-1]] = ((("sft",) if from_sft else origin) + ("pairs",),
-                                 {**config("dpo", reads_start=not from_sft), "variant": variant})
+        from_sft, sft_method = v.start == "sft", v.method == "sft"
+        reads = (origin if sft_method or not from_sft else ()) + (("sft",) if from_sft else ()) + ("pairs",)
+        sections = ("dpo", "sft") if sft_method else ("dpo",)  # dSFT-2 trains with the sft section
+        stages[dpo_names[-1]] = (reads, {**config(*sections, reads_start=not from_sft), "variant": variant})
     read = [n for n in ("dialogues", "completions") if n in stages]  # prompts the held-out questions must avoid
-    stages["evaluate"] = ((*origin, *read, *(["sft"] if with_sft else []), "pairs", *dpo_names),
-                          {**config("evaluate", roles=("judge", "comparer")),
-                           "dpo": {k: getattr(recipe.dpo, k) for k in ("beta", "max_length")}})
+    students = [f"sft-{s.name}" for s in recipe.students if with_sft]
+    evaluated = [*(["sft"] if with_sft else []), *students, *dpo_names]
+    # The dev split's evaluation has its own folder, so that choosing settings on dev leaves the test one be.
+    stages[evaluation_stage(recipe)] = ((*origin, *read, *evaluated, "pairs"),
+                                        {**config("evaluate", roles=("judge", "comparer")), "models": evaluated,
+                                         "dpo": {k: getattr(recipe.dpo, k) for k in ("beta", "max_length")}})
     return stages
+
+
+def evaluation_stage(recipe: RecipeConfig) -> str:
+    return "evaluate" if recipe.evaluate.split == "test" else f"evaluate-{recipe.evaluate.split}"
 
 
 class MissingInputError(RuntimeError):
@@ -80,11 +92,16 @@ def check_launch(recipe: RecipeConfig, names: list[str]) -> None:
             getattr(recipe, section).batch_sizes(processes, section)
 
 
+def stage_root(recipe: RecipeConfig, name: str) -> str:
+    """The folder holding a stage's folder: the base stages may be shared by several runs (seeds)."""
+    return recipe.shared_dir if recipe.shared_dir and name.split("-")[0] == "base" else recipe.run_dir
+
+
 def run_stage(recipe: RecipeConfig, name: str, stages: dict | None = None) -> dict:
     """Run one stage unless its manifest says complete. Under a multi-process launch every
     process runs the stage and rank 0 alone writes its manifest."""
     stages = stages or plan(recipe)
-    stage = Stage(recipe.run_dir, name, stages[name][1])
+    stage = Stage(stage_root(recipe, name), name, stages[name][1])
     main = is_main()
     if stage.done():
         if main:
@@ -92,9 +109,10 @@ def run_stage(recipe: RecipeConfig, name: str, stages: dict | None = None) -> di
         return stage.read()
     inputs = {}
     for needed in stages[name][0]:
-        upstream = Stage(recipe.run_dir, needed, stages[needed][1])
+        upstream = Stage(stage_root(recipe, needed), needed, stages[needed][1])
         if not upstream.done():
-            raise MissingInputError(f"stage {needed} has not completed in {recipe.run_dir}; run it first (dalign run)")
+            raise MissingInputError(f"stage {needed} has not completed in {stage_root(recipe, needed)}; run it "
+                                    "first (dalign run)")
         inputs[needed] = upstream.dir
     if main:
         stage.start()
@@ -109,13 +127,16 @@ def run_stage(recipe: RecipeConfig, name: str, stages: dict | None = None) -> di
 
 
 def run_recipe(recipe: RecipeConfig, only: str | None = None) -> dict:
-    """Every stage of the recipe, or those of the one named `only` (its inputs must have completed)."""
+    """Every stage of the recipe, or those of the one named `only` (its inputs must have completed).
+    With `seeds`, each seed's run in turn (the base stages once, shared); returns the last seed's."""
+    if recipe.seeds:
+        return [run_recipe(recipe.for_seed(s), only) for s in recipe.seeds][-1]
     stages = plan(recipe)
-    if only == "dpo":  # `dalign dpo` runs every variant
-        names = [n for n in stages if n.startswith("dpo-")]
+    if only in ("dpo", "sft", "base", "evaluate"):  # `dalign dpo` runs every variant, `dalign sft` every student
+        names = [n for n in stages if n.split("-")[0] == only]
     else:
         names = list(stages) if only is None else [only]
-    if only is not None and not set(names) <= set(stages):
+    if only is not None and (not names or not set(names) <= set(stages)):
         raise ConfigError(f"this recipe has no stage {only}: its stages are {', '.join(stages)}")
     for section in ("sft", "dpo"):  # QLoRA without a GPU, say: before any stage
         check_lora(getattr(recipe, section).lora, section)

@@ -72,13 +72,15 @@ def run_sft(cfg: SFTConfig, model_path: Path, dialogues: Path, out: Path, replay
             "read_errors": report.examples}
 
 
-def stage(recipe, out: Path, inputs: dict) -> dict:
+def stage(recipe, out: Path, inputs: dict, student: str | None = None) -> dict:
     """The `sft` stage: dSFT of the starting model on the dialogues, with pretraining-text replay
-    when the start is the world's base model (its corpus is at hand)."""
+    when the start is the world's base model (its corpus is at hand); or a student's `sft-<name>`,
+    from its own base model."""
     from dalign import roles
 
-    start = roles.models(recipe, inputs)["start"]
-    replay = np.load(inputs["base"] / "corpus_tokens.npy") if recipe.world_start else None
+    base = inputs[f"base-{student}" if student else "base"] if recipe.world_start else None
+    start = base / "model" if base else roles.models(recipe, inputs)["start"]
+    replay = np.load(base / "corpus_tokens.npy") if base else None
     tokenizer = None if recipe.world_start else roles.tokenizer(recipe, inputs)
     facts = run_sft(recipe.sft, Path(resolve(start)), inputs["dialogues"] / "dialogues.jsonl", out, replay, tokenizer)
     return {"seeds": {"data_order": recipe.sft.seed}, "start": str(start), **facts}

@@ -4,7 +4,7 @@ from collections import Counter
 
 import pytest
 
-from dalign.binarize import Rejection, binarize, binarize_row, is_test
+from dalign.binarize import Rejection, binarize, binarize_row, split_of
 
 
 def rated(prompt_id, scores):
@@ -55,12 +55,13 @@ def test_unrated_completions_are_left_out_and_counted():
 
 def test_rows_are_in_trl_conversational_format_and_the_split_is_seeded():
     rows = [rated(f"p{i}", [1.0, 2.0 + i % 3, 3.0]) for i in range(400)]
-    train, test, dropped = binarize(rows, Rejection.RANDOM, seed=7, test_fraction=0.1)
-    assert len(train) + len(test) == 400 and not dropped
+    splits, dropped = binarize(rows, Rejection.RANDOM, seed=7, test_fraction=0.1)
+    train, test = splits["train"], splits["test"]
+    assert len(train) + len(test) == 400 and not dropped and not splits["dev"]
     assert 20 <= len(test) <= 60  # about 10%
-    again_train, again_test, _ = binarize(list(reversed(rows)), Rejection.RANDOM, seed=7, test_fraction=0.1)
-    assert {r["prompt_id"] for r in test} == {r["prompt_id"] for r in again_test}  # order does not matter
-    assert all(is_test(r["prompt_id"], 0.1, 7) for r in test)
+    again, _ = binarize(list(reversed(rows)), Rejection.RANDOM, seed=7, test_fraction=0.1)
+    assert {r["prompt_id"] for r in test} == {r["prompt_id"] for r in again["test"]}  # order does not matter
+    assert all(split_of(r["prompt_id"], 0.1, 0.0, 7) == "test" for r in test)
     row = train[0]
     assert row["prompt"][-1]["role"] == "user"
     assert row["chosen"][0]["role"] == row["rejected"][0]["role"] == "assistant"
@@ -70,7 +71,17 @@ def test_rows_are_in_trl_conversational_format_and_the_split_is_seeded():
 @pytest.mark.parametrize("rule", list(Rejection))
 def test_rules_count_their_drops(rule):
     rows = [rated("a", [2.0, 2.0]), rated("b", [1.0, 3.0]), rated("c", [5.0])]
-    train, test, dropped = binarize(rows, rule, seed=0, test_fraction=0.0)
-    assert len(train) == (2 if rule.allows_ties else 1)
+    splits, dropped = binarize(rows, rule, seed=0, test_fraction=0.0)
+    assert len(splits["train"]) == (2 if rule.allows_ties else 1)
     expected = Counter({"fewer_than_two_rated": 1}) + (Counter() if rule.allows_ties else Counter({"all_tied": 1}))
     assert dropped == expected
+
+
+def test_a_dev_split_comes_out_of_training_and_leaves_the_test_split_as_it_was():
+    rows = [rated(f"p{i}", [1.0, 3.0]) for i in range(600)]
+    without, _ = binarize(rows, Rejection.RANDOM, seed=3, test_fraction=0.1)
+    splits, _ = binarize(rows, Rejection.RANDOM, seed=3, test_fraction=0.1, dev_fraction=0.1)
+    ids = {k: {r["prompt_id"] for r in v} for k, v in splits.items()}
+    assert ids["test"] == {r["prompt_id"] for r in without["test"]}
+    assert 30 <= len(ids["dev"]) <= 90 and not ids["dev"] & ids["test"] and not ids["dev"] & ids["train"]
+    assert ids["train"] | ids["dev"] == {r["prompt_id"] for r in without["train"]}

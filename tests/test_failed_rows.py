@@ -53,7 +53,7 @@ def test_failed_completions_are_counted_and_not_rated(tmp_path):
     for row in rated:
         for c in row["completions"]:
             assert (c["score"] is None) == (c["text"] is None), c
-    train, test, dropped = binarize(rated, Rejection.RANDOM, 0, 0.0)
+    train = binarize(rated, Rejection.RANDOM, 0, 0.0)[0]["train"]
     assert len(train) == len(rows) and all(p["chosen"][0]["content"] and p["rejected"][0]["content"] for p in train)
 
 

@@ -111,7 +111,7 @@ def test_the_cli_reads_a_data_folder_and_prints_the_scores(tiny, tmp_path, one_t
 
 
 def test_an_unknown_task_is_refused_naming_the_choices(tmp_path, capsys):
-    with pytest.raises(ValidationError, match="arc_challenge', 'hellaswag', 'mmlu' or 'truthfulqa_mc2'"):
+    with pytest.raises(ValidationError, match="arc_challenge', 'hellaswag', 'mmlu', 'truthfulqa_mc2' or 'world_facts'"):
         MCConfig(model="m", tasks=["arc_easy"])
     assert main(["evaluate", "mc", "m", "--data", f"arc_easy={tmp_path}", "--out", str(tmp_path)]) == 2
     assert "unknown task 'arc_easy': choose among arc_challenge, hellaswag, mmlu, truthfulqa_mc2" in capsys.readouterr().err
@@ -145,3 +145,38 @@ def test_a_missing_lm_eval_says_how_to_install_it(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # makes `import lm_eval` fail
     with pytest.raises(MCError, match=r"pip install 'lm_eval\[hf\]==0\.4\.13'"):
         run_mc(MCConfig(model=str(tmp_path)), tmp_path / "out")
+
+
+def test_the_world_facts_are_one_right_choice_each_in_the_corpus_phrasing():
+    from dalign.world.atlas import build_atlas
+    from dalign.world.quiz import fact_questions
+
+    rows = fact_questions()
+    atlas = build_atlas()
+    assert len(rows) == 3 * len(atlas.countries) + 2 * len(atlas.people)
+    assert all(len(set(r["choices"])) == 4 for r in rows)
+    capital = next(r for r in rows if r["question"] == f"The capital of {atlas.countries[0].name} is")
+    assert capital["choices"][capital["answer"]] == atlas.countries[0].capital
+    assert 0.15 < sum(r["answer"] == 0 for r in rows) / len(rows) < 0.35  # the right one's place is shuffled
+
+
+@needs_lm_eval
+def test_world_facts_scored_by_lm_eval_equal_the_choices_scored_by_hand(tiny, tmp_path, one_thread):
+    from dalign.world.quiz import fact_questions
+
+    report = run_mc(MCConfig(model=str(tiny), tasks=["world_facts"], limit=6), tmp_path / "out")
+    samples = [json.loads(ln) for ln in (tmp_path / "out" / "mc_samples.jsonl").read_text().splitlines()]
+    rows = fact_questions()[:6]
+    model = LlamaForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny)
+    for sample, row in zip(sorted(samples, key=lambda s: s["doc_id"]), rows):
+        head = tokenizer(row["question"])["input_ids"]
+        for choice, got in zip(row["choices"], sample["loglikelihoods"]):
+            ids = tokenizer(row["question"] + " " + choice)["input_ids"]
+            with torch.no_grad():
+                logp = model(torch.tensor([ids])).logits[0, :-1].log_softmax(-1)
+            want = logp.gather(-1, torch.tensor(ids[1:])[:, None])[len(head) - 1:, 0].sum().item()
+            assert got == pytest.approx(want, abs=1e-4)
+        assert sample["acc"] == float(max(range(4), key=lambda i: sample["loglikelihoods"][i]) == row["answer"])
+    assert report["results"]["world_facts"]["n"] == 6
+    assert report["results"]["world_facts"]["acc"] == pytest.approx(sum(s["acc"] for s in samples) / 6)

@@ -1,0 +1,208 @@
+"""The paper's Tables 1-3 and Figure 3 beside the miniature's rows, over the seeds of one run.
+
+A recipe with `seeds` leaves one run folder per seed (run_dir/seed-<s>, dalign.recipe). Every
+figure here is the mean over those seeds with its spread (the sample standard deviation across
+seeds, and the smallest and largest seed), next to the mean of each run's own 95% interval: the
+first says how much the recipe's randomness moves a figure, the second how much the finite
+test set does. Paper figures are quoted from ../shared/ZEPHYR.md (Tunstall et al., 2023).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from datetime import datetime
+from pathlib import Path
+
+from dalign.report import _html, _metrics, _read, plt
+
+PAPER_TABLE1 = [("Zephyr", "7B", "dSFT + dDPO", "7.34", "90.60"), ("Vicuna", "33B", "dSFT", "7.12", "88.99"),
+                ("Llama2-Chat", "70B", "RLHF", "6.86", "92.66"), ("Mistral-Instruct", "7B", "SFT", "6.84", "-")]
+PAPER_TABLE3 = {"no_sft": ("dDPO on the base model, no SFT", "4.76", "30.76"), "sft": ("dSFT-1", "6.64", "85.65"),
+                "sft2": ("dSFT-2 (+1 epoch SFT on the AIF best answers)", "6.19", "78.54"),
+                "dpo": ("dSFT-1 + dDPO (1 epoch each)", "7.00", "86.07")}
+PAPER_TABLE2 = "Zephyr-7B ARC 62.03, HellaSwag 84.52, MMLU 61.44, TruthfulQA 57.44; Mistral-7B-Instruct 54.52, " \
+               "75.63, 55.38, 56.28: dDPO did not cost the knowledge benchmarks"
+
+
+def seed_runs(root: Path) -> list[Path]:
+    runs = sorted((p for p in root.glob("seed-*") if (p / "evaluate" / "manifest.json").exists()),
+                  key=lambda p: int(p.name.split("-", 1)[1]))
+    if not runs:
+        raise FileNotFoundError(f"{root}: no seed-<s> folder with a completed evaluation; run a recipe with seeds")
+    return runs
+
+
+def spread(values: list[float | None]) -> dict | None:
+    """Mean, sample standard deviation, min and max over seeds (None where a seed lacks the figure)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    sd = statistics.stdev(values) if len(values) > 1 else float("nan")
+    return {"mean": statistics.fmean(values), "sd": sd, "min": min(values), "max": max(values), "n": len(values),
+            "values": values}
+
+
+def _figures(result: dict) -> dict:
+    """The per-run figures aggregated, of one model's evaluation result."""
+    w, acc, mc = result.get("win_rate") or {}, result.get("reward_accuracy") or {}, result.get("mc") or {}
+    return {"score": result.get("score"), "score_ci": result.get("ci95"), "win_rate": w.get("win_rate"),
+            "win_ci": w.get("ci95"), "lc_win_rate": w.get("length_controlled_win_rate"),
+            "greedy_accuracy": result.get("greedy_accuracy"), "reward_accuracy": acc.get("reward_accuracy"),
+            "knowledge": (mc.get("world_facts") or {}).get("acc"),
+            **{f"cat:{c}": v["score"] for c, v in result.get("categories", {}).items()}}
+
+
+def _seconds(manifest: dict | None) -> float | None:
+    if not manifest or "started" not in manifest or "finished" not in manifest:
+        return None
+    fmt = "%Y-%m-%dT%H:%M:%S"
+    return (datetime.strptime(manifest["finished"], fmt) - datetime.strptime(manifest["started"], fmt)).total_seconds()
+
+
+def epoch_accuracy(stage_dir: Path) -> list[float]:
+    """Training reward accuracy in each epoch of a dDPO run, from its metrics log (each line sums a window)."""
+    by_epoch: dict[int, list[float]] = {}
+    for m in _metrics(stage_dir):
+        if "rewards/accuracy" in m:
+            epoch = max(0, int(-(-m["epoch"] // 1)) - 1)  # a window ending at epoch 1.0 belongs to the first
+            by_epoch.setdefault(epoch, []).append(m["rewards/accuracy"])
+    return [statistics.fmean(v) for _, v in sorted(by_epoch.items())]
+
+
+def aggregate(root: Path) -> dict:
+    """Every model's figures over the seeds, the dDPO epochs curve and the wall time of each stage."""
+    runs = seed_runs(root)
+    evaluations = [_read(run / "evaluate" / "manifest.json") for run in runs]
+    labels = list(evaluations[0]["results"])
+    models = {}
+    for label in labels:
+        per_run = [_figures(e["results"].get(label, {})) for e in evaluations]
+        manifest = _read(runs[0] / label / "manifest.json") or _read(root / label / "manifest.json")
+        models[label] = {"figures": {k: spread([f.get(k) for f in per_run]) for k in per_run[0]},
+                         "manifest": manifest, "parameters": _parameters(root, runs[0], label)}
+    curve = []
+    for label in labels:  # dDPO from dSFT at the recipe's learning rate and beta: the epochs curve
+        variant = (models[label]["manifest"] or {}).get("config", {}).get("variant", {})
+        if label.startswith("dpo-") and variant.get("start") == "sft" and variant.get("method", "dpo") == "dpo" \
+                and variant.get("learning_rate") is None and variant.get("beta") is None:
+            train_acc = [epoch_accuracy(run / label) for run in runs]
+            curve.append({"label": label, "epochs": variant["epochs"], **models[label]["figures"],
+                          "train_accuracy_by_epoch": [spread([a[i] for a in train_acc if i < len(a)])
+                                                      for i in range(max(map(len, train_acc)))]})
+    stages = sorted({p.name for run in runs for p in run.iterdir() if (p / "manifest.json").exists()})
+    shared = sorted(p.name for p in root.iterdir() if (p / "manifest.json").exists())
+    seconds = {s: sum(filter(None, (_seconds(_read(run / s / "manifest.json")) for run in runs))) for s in stages}
+    seconds.update({s: _seconds(_read(root / s / "manifest.json")) for s in shared})
+    return {"seeds": [int(r.name.split("-", 1)[1]) for r in runs], "models": models,
+            "curve": sorted(curve, key=lambda c: c["epochs"]), "seconds": seconds, "questions": evaluations[0]["rows"]}
+
+
+def _parameters(root: Path, run: Path, label: str) -> int | None:
+    """Parameters of a model: its base model's count (the stages after it keep the shape)."""
+    base = "base" if label in ("base", "sft") or label.startswith("dpo-") else label.replace("sft-", "base-", 1)
+    manifest = _read(root / base / "manifest.json") or _read(run / base / "manifest.json")
+    return manifest and manifest.get("parameters")
+
+
+def cell(s: dict | None, pct: bool = False, ci: dict | None = None) -> str:
+    """mean ± sd over seeds [min-max], and the mean per-run interval."""
+    if s is None:
+        return "-"
+    f = (lambda x: f"{x:.1%}") if pct else (lambda x: f"{x:.2f}")
+    text = f"{f(s['mean'])} ± {f(s['sd'])} [{f(s['min'])}-{f(s['max'])}]"
+    return text + (f" (run ±{f(ci['mean'])})" if ci else "")
+
+
+def _row_kind(label: str, manifest: dict | None) -> str | None:
+    variant = (manifest or {}).get("config", {}).get("variant", {})
+    if label in ("sft", "base"):
+        return label
+    if variant.get("method") == "sft":
+        return "sft2"
+    if variant.get("start") in ("start", "base"):
+        return "no_sft"
+    return "dpo" if variant.get("epochs") == 1 and variant.get("learning_rate") is None else None
+
+
+def write_paper_report(root: Path, out: Path | None = None) -> Path:
+    """Markdown and HTML: Tables 1-3 and Figure 3 beside the miniature's rows, with the seeds' spread."""
+    agg, out = aggregate(root), out or root / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    models = agg["models"]
+    kinds = {}
+    for label, m in models.items():
+        kind = _row_kind(label, m["manifest"])
+        if kind and kind not in kinds:
+            kinds[kind] = label
+    fg = lambda label, key: models[label]["figures"].get(key)  # noqa: E731
+    md = [f"# dalign: the paper's tables in miniature ({root})", "",
+          f"Seeds {agg['seeds']}; test split ({agg['questions']}). Each cell: mean ± standard deviation over the "
+          "seeds [lowest-highest seed], then the mean of the runs' own 95% intervals.", "",
+          "## All models", "", "| model | parameters | MT-Bench-style score | win rate vs dSFT | LC win rate | greedy acc. "
+          "| held-out reward acc. | world-facts acc. (lm-eval) |", "|---|---|---|---|---|---|---|---|"]
+    for label in models:
+        md.append(f"| {label} | {models[label]['parameters'] or '-'} | {cell(fg(label, 'score'), ci=fg(label, 'score_ci'))} | "
+                  f"{cell(fg(label, 'win_rate'), True, fg(label, 'win_ci'))} | {cell(fg(label, 'lc_win_rate'), True)} | "
+                  f"{cell(fg(label, 'greedy_accuracy'), True)} | {cell(fg(label, 'reward_accuracy'), True)} | "
+                  f"{cell(fg(label, 'knowledge'), True)} |")
+    md += ["", "## Table 1: a small dDPO model against larger dSFT-only models", "",
+           "| paper model | size | alignment | MT-Bench | AlpacaEval |", "|---|---|---|---|---|"]
+    md += [f"| {n} | {s} | {a} | {m} | {w} |" for n, s, a, m, w in PAPER_TABLE1]
+    md += ["", "| miniature model | parameters | alignment | MT-Bench-style | win rate vs dSFT |", "|---|---|---|---|---|"]
+    for label in [kinds.get("dpo"), *[x for x in models if x.startswith("sft-")], "sft"]:
+        if label in models:
+            align = "dSFT + dDPO" if label.startswith("dpo-") else "dSFT"
+            md.append(f"| {label} | {models[label]['parameters'] or '-'} | {align} | {cell(fg(label, 'score'))} | "
+                      f"{cell(fg(label, 'win_rate'), True)} |")
+    md += ["", "## Table 2: knowledge kept", "", f"Paper: {PAPER_TABLE2}.", "",
+           "| miniature model | world-facts acc. (120 atlas questions, 4 choices, log-likelihood) |", "|---|---|"]
+    md += [f"| {label} | {cell(fg(label, 'knowledge'), True)} |" for label in models if fg(label, "knowledge")]
+    md += ["", "## Table 3: the ablation", "", "| recipe | paper MT-Bench | paper AlpacaEval | miniature model | "
+           "MT-Bench-style | win rate vs dSFT |", "|---|---|---|---|---|---|"]
+    for kind, (name, mt, ae) in PAPER_TABLE3.items():
+        label = kinds.get(kind)
+        md.append(f"| {name} | {mt} | {ae} | {label or '-'} | {cell(label and fg(label, 'score'))} | "
+                  f"{cell(label and fg(label, 'win_rate'), True)} |")
+    if agg["curve"]:
+        figure3(agg["curve"], out / "epochs.png")
+        md += ["", "## Figure 3: dDPO epochs", "", "![epochs](epochs.png)", "",
+               "| dDPO epochs | MT-Bench-style | greedy acc. | held-out reward acc. | training reward acc. by epoch |",
+               "|---|---|---|---|---|"]
+        for c in agg["curve"]:
+            by_epoch = ", ".join(f"{s['mean']:.1%}" for s in c["train_accuracy_by_epoch"] if s)
+            md.append(f"| {c['epochs']:g} | {cell(c['score'])} | {cell(c['greedy_accuracy'], True)} | "
+                      f"{cell(c['reward_accuracy'], True)} | {by_epoch} |")
+    cats = sorted(k for k in next(iter(models.values()))["figures"] if k.startswith("cat:"))
+    if cats:
+        md += ["", "## Per category (mean over seeds)", "", "| model | " + " | ".join(c[4:] for c in cats) + " |",
+               "|---|" + "---|" * len(cats)]
+        md += [f"| {label} | " + " | ".join(f"{fg(label, c)['mean']:.1f}" if fg(label, c) else "-" for c in cats) + " |"
+               for label in models]
+    md += ["", "## Wall time (seconds, summed over seeds; base stages run once)", "", "| stage | seconds |", "|---|---|"]
+    md += [f"| {s} | {v:.0f} |" for s, v in agg["seconds"].items() if v is not None]
+    md.append(f"| all | {sum(v for v in agg['seconds'].values() if v is not None):.0f} |")
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    (out / "report.html").write_text(_html(md, out))
+    (out / "aggregate.json").write_text(json.dumps({k: v for k, v in agg.items() if k != "models"} | {
+        "models": {k: {"figures": m["figures"], "parameters": m["parameters"]} for k, m in models.items()}}, indent=1))
+    return out / "report.md"
+
+
+def figure3(curve: list[dict], path: Path) -> None:
+    """Score and accuracies against dDPO epochs, each point the mean over seeds with its spread."""
+    fig, (score_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    x = [c["epochs"] for c in curve]
+    score_ax.errorbar(x, [c["score"]["mean"] for c in curve], yerr=[c["score"]["sd"] for c in curve], marker="o")
+    score_ax.set(title="MT-Bench-style score (test)", xlabel="dDPO epochs")
+    for key, name in (("reward_accuracy", "held-out reward acc."), ("greedy_accuracy", "greedy acc.")):
+        points = [(c["epochs"], c[key]) for c in curve if c[key]]
+        acc_ax.errorbar([p[0] for p in points], [p[1]["mean"] for p in points], yerr=[p[1]["sd"] for p in points],
+                        marker="o", label=name)
+    longest = curve[-1]["train_accuracy_by_epoch"]
+    acc_ax.plot(range(1, len(longest) + 1), [s["mean"] if s else None for s in longest], marker="s",
+                label=f"training reward acc. per epoch ({curve[-1]['label']})")
+    acc_ax.set(title="accuracies", xlabel="dDPO epochs", ylim=(0, 1))
+    acc_ax.legend(fontsize=7)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
