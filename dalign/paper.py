@@ -60,14 +60,18 @@ def _seconds(manifest: dict | None) -> float | None:
     return (datetime.strptime(manifest["finished"], fmt) - datetime.strptime(manifest["started"], fmt)).total_seconds()
 
 
-def epoch_accuracy(stage_dir: Path) -> list[float]:
-    """Training reward accuracy in each epoch of a dDPO run, from its metrics log (each line sums a window)."""
-    by_epoch: dict[int, list[float]] = {}
+EPOCH_KEYS = ("rewards/accuracy", "rewards/chosen", "rewards/rejected")
+
+
+def epoch_means(stage_dir: Path) -> dict[str, list[float]]:
+    """Training reward accuracy and the chosen and rejected implicit rewards (beta x log-ratio to the
+    reference) in each epoch of a dDPO run, from its metrics log (each line a window's mean)."""
+    by_epoch: dict[int, list[dict]] = {}
     for m in _metrics(stage_dir):
         if "rewards/accuracy" in m:
             epoch = max(0, int(-(-m["epoch"] // 1)) - 1)  # a window ending at epoch 1.0 belongs to the first
-            by_epoch.setdefault(epoch, []).append(m["rewards/accuracy"])
-    return [statistics.fmean(v) for _, v in sorted(by_epoch.items())]
+            by_epoch.setdefault(epoch, []).append(m)
+    return {k: [statistics.fmean(m[k] for m in lines) for _, lines in sorted(by_epoch.items())] for k in EPOCH_KEYS}
 
 
 def aggregate(root: Path) -> dict:
@@ -86,10 +90,11 @@ def aggregate(root: Path) -> dict:
         variant = (models[label]["manifest"] or {}).get("config", {}).get("variant", {})
         if label.startswith("dpo-") and variant.get("start") == "sft" and variant.get("method", "dpo") == "dpo" \
                 and variant.get("learning_rate") is None and variant.get("beta") is None:
-            train_acc = [epoch_accuracy(run / label) for run in runs]
+            means = [epoch_means(run / label) for run in runs]
+            by_epoch = {k: [spread([m[k][i] for m in means if i < len(m[k])]) for i in range(max(len(m[k]) for m in means))]
+                        for k in EPOCH_KEYS}
             curve.append({"label": label, "epochs": variant["epochs"], **models[label]["figures"],
-                          "train_accuracy_by_epoch": [spread([a[i] for a in train_acc if i < len(a)])
-                                                      for i in range(max(map(len, train_acc)))]})
+                          "train_accuracy_by_epoch": by_epoch["rewards/accuracy"], "train_by_epoch": by_epoch})
     stages = sorted({p.name for run in runs for p in run.iterdir() if (p / "manifest.json").exists()})
     shared = sorted(p.name for p in root.iterdir() if (p / "manifest.json").exists())
     seconds = {s: sum(filter(None, (_seconds(_read(run / s / "manifest.json")) for run in runs))) for s in stages}
@@ -167,12 +172,16 @@ def write_paper_report(root: Path, out: Path | None = None) -> Path:
     if agg["curve"]:
         figure3(agg["curve"], out / "epochs.png")
         md += ["", "## Figure 3: dDPO epochs", "", "![epochs](epochs.png)", "",
-               "| dDPO epochs | MT-Bench-style | greedy acc. | held-out reward acc. | training reward acc. by epoch |",
-               "|---|---|---|---|---|"]
+               "| dDPO epochs | MT-Bench-style | greedy acc. | held-out reward acc. | training reward acc. by epoch | "
+               "chosen / rejected reward by epoch |", "|---|---|---|---|---|---|"]
         for c in agg["curve"]:
-            by_epoch = ", ".join(f"{s['mean']:.1%}" for s in c["train_accuracy_by_epoch"] if s)
+            t = c["train_by_epoch"]
+            accuracy = ", ".join(f"{s['mean']:.1%}" for s in t["rewards/accuracy"] if s)
+            rewards = ", ".join(f"{a['mean']:+.2f} / {b['mean']:+.2f}" for a, b in zip(t["rewards/chosen"], t["rewards/rejected"]))
             md.append(f"| {c['epochs']:g} | {cell(c['score'])} | {cell(c['greedy_accuracy'], True)} | "
-                      f"{cell(c['reward_accuracy'], True)} | {by_epoch} |")
+                      f"{cell(c['reward_accuracy'], True)} | {accuracy} | {rewards} |")
+        md += ["", "Rewards: beta x (log pi - log ref) of the chosen and the rejected answer, mean over each epoch's "
+               "training pairs (seeds' mean): a negative chosen reward means the chosen answers lost probability."]
     cats = sorted(k for k in next(iter(models.values()))["figures"] if k.startswith("cat:"))
     if cats:
         md += ["", "## Per category (mean over seeds)", "", "| model | " + " | ".join(c[4:] for c in cats) + " |",

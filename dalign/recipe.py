@@ -92,8 +92,9 @@ class RecipeConfig(Strict):
     """Students of other sizes aligned by dSFT only, evaluated beside the rest (world start only)."""
     seeds: list[int] = Field(default_factory=list)
     """Run every stage after the base model once per seed s, in run_dir/seed-<s>, with s added to the
-    seed of dialogues, sft, completions, rating, pairs and dpo (evaluate.seed stays: every seed is
-    scored on the same held-out draw); the base stages run once, in run_dir. Empty: one run, as set."""
+    seed of dialogues, sft, completions, rating, pairs and dpo; the base stages run once, in run_dir.
+    evaluate.seed stays, so every seed draws the same held-out prompts but for the few its own
+    training prompts took (each draw avoids them). Empty: one run, as set."""
     shared_dir: str | None = None
     """Folder holding the base stages (base, base-<student>) when several runs share them (set for each
     seed's run by `seeds`); None: run_dir."""

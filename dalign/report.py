@@ -60,6 +60,7 @@ def run_rows(run: Path) -> tuple[list[dict], dict]:
                      "reward_accuracy": acc and acc["reward_accuracy"], "reward_ci95": acc and acc["ci95"],
                      "categories": {c: v["score"] for c, v in r.get("categories", {}).items()},
                      "greedy_accuracy": r.get("greedy_accuracy"), "pass_at_k": r.get("pass_at_k"),
+                     "knowledge": (r.get("mc") or {}).get("world_facts", {}).get("acc"),
                      "provenance": {"recipe": manifest and manifest.get("recipe"), "code": manifest and manifest.get("code_version"),
                                     "global_batch": manifest and manifest.get("global_batch_size"),
                                     "rows": manifest and manifest.get("rows")}})
@@ -123,11 +124,11 @@ def write_report(runs: list[Path], out: Path) -> Path:
         radar(graded, out / "radar.png")
     curves(runs, out / "curves.png")
     md = ["# dalign report", "", "| run | model | alignment | MT-Bench-style score | win rate vs reference | LC win rate | "
-          "held-out reward acc. |", "|---|---|---|---|---|---|---|"]
+          "held-out reward acc. | world-facts acc. |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         md.append(f"| {r['run']} | {r['model']} | {r['alignment']} | {_score(r)} | "
                   f"{_pct(r['win_rate'], r['win_ci95'])} | {_pct(r['lc_win_rate'])} | "
-                  f"{_pct(r['reward_accuracy'], r['reward_ci95'])} |")
+                  f"{_pct(r['reward_accuracy'], r['reward_ci95'])} | {_pct(r['knowledge'])} |")
     md += ["", "Scores: the judge's 1-10, mean over two turns, 95% interval. Win rate: against each run's reference "
            "(" + ", ".join(f"{run.name}: {f['reference']}" for run, f in facts) + "), both answer orders judged, "
            "a verdict that follows the position counts as a tie (half a win); LC: length-controlled. Reward accuracy: "
