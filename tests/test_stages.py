@@ -31,7 +31,8 @@ base: {{corpus_documents: 300, max_steps: 6, per_device_batch_size: 4, max_lengt
 dialogues: {{n_dialogues: 40, chunk_size: 16}}
 sft: {{max_steps: 4, per_device_batch_size: 4, max_length: 128, log_every: 1}}
 completions: {{n_prompts: 16, chunk_size: 8, max_new_tokens: 8}}
-dpo: {{max_steps: 2, per_device_batch_size: 4, max_length: 128}}
+pairs: {{dev_fraction: 0.0}}  # as pinned
+dpo: {{max_steps: 2, per_device_batch_size: 4, max_length: 128, learning_rate: 1.0e-4}}  # as pinned
 variants: [{{name: main}}, {{name: nosft, start: base}}]
 evaluate: {{questions_per_category: 1, max_new_tokens: 8, pass_k: 2, win_rate_instructions: 8}}
 """
