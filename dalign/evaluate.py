@@ -205,7 +205,8 @@ def stage(recipe, out: Path, inputs: dict[str, Path], split: str | None = None) 
     """The `evaluate` stage, for every model of the run (the start, dSFT, each dDPO variant):
     MT-Bench-style grades by roles.judge (with greedy accuracy and pass@k when the judge tells
     right from wrong, as the world's does); the win rate by roles.comparer against the
-    reference answers; each variant's held-out reward accuracy; multiple choice when asked."""
+    reference answers; each variant's held-out reward accuracy; multiple choice when asked.
+    `split`: the stage name's suffix (evaluate-dev), which says what evaluate.split says."""
     from dalign import roles
     from dalign.completions import seen_prompts
     from dalign.winrate import win_rate
@@ -250,14 +251,14 @@ def stage(recipe, out: Path, inputs: dict[str, Path], split: str | None = None) 
         for label in (x for x in mine if x != ref_label):
             answers = json.loads((out / f"answers_{label}.json").read_text())
             _once(out / f"win_rate_{label}_vs_{ref_label}.json", lambda: win_rate(instructions, answers, reference, comparer))
-    test_pairs = inputs["pairs"] / f"{cfg.split}.jsonl"  # the split's pairs (read pairs have no dev split)
-    has_pairs = "reward_accuracy" in parts and test_pairs.exists() and bool(read_rows(test_pairs))  # read once
+    split_pairs = inputs["pairs"] / f"{cfg.split}.jsonl"  # the split's pairs (read pairs have no dev split)
+    has_pairs = "reward_accuracy" in parts and split_pairs.exists() and bool(read_rows(split_pairs))  # read once
     scored = [k for k in models if k.startswith("dpo-") and has_pairs]
     for label in (x for x in mine if x in scored):
         start = json.loads((inputs[label] / "manifest.json").read_text())["reference"]
         beta = recipe.dpo_for(next(v for v in recipe.variants if f"dpo-{v.name}" == label)).beta
         _once(out / f"reward_accuracy_{label}.json", lambda: reward_accuracy(
-            models[label], start, test_pairs, beta, recipe.dpo.max_length))
+            models[label], start, split_pairs, beta, recipe.dpo.max_length))
     if cfg.mc is not None:
         from dalign.mc import MCConfig, run_mc
 

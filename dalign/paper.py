@@ -91,8 +91,8 @@ def aggregate(root: Path) -> dict:
         if label.startswith("dpo-") and variant.get("start") == "sft" and variant.get("method", "dpo") == "dpo" \
                 and variant.get("learning_rate") is None and variant.get("beta") is None:
             means = [epoch_means(run / label) for run in runs]
-            by_epoch = {k: [spread([m[k][i] for m in means if i < len(m[k])]) for i in range(max(len(m[k]) for m in means))]
-                        for k in EPOCH_KEYS}
+            longest = max(len(m["rewards/accuracy"]) for m in means)
+            by_epoch = {k: [spread([m[k][i] for m in means if i < len(m[k])]) for i in range(longest)] for k in EPOCH_KEYS}
             curve.append({"label": label, "epochs": variant["epochs"], **models[label]["figures"],
                           "train_accuracy_by_epoch": by_epoch["rewards/accuracy"], "train_by_epoch": by_epoch})
     stages = sorted({p.name for run in runs for p in run.iterdir() if (p / "manifest.json").exists()})
@@ -130,71 +130,110 @@ def _row_kind(label: str, manifest: dict | None) -> str | None:
     return "dpo" if variant.get("epochs") == 1 and variant.get("learning_rate") is None else None
 
 
+def _paper_rows(models: dict) -> dict[str, str]:
+    """The model standing for each row of the paper's Table 3 (the first of its kind)."""
+    kinds: dict[str, str] = {}
+    for label, m in models.items():
+        if (kind := _row_kind(label, m["manifest"])) and kind not in kinds:
+            kinds[kind] = label
+    return kinds
+
+
+def _fig(agg: dict, label: str | None, key: str) -> dict | None:
+    return agg["models"][label]["figures"].get(key) if label in agg["models"] else None
+
+
+def all_models(agg: dict, out: Path) -> list[str]:
+    md = ["## All models", "", "| model | parameters | MT-Bench-style score | win rate vs dSFT | LC win rate | "
+          "greedy acc. | held-out reward acc. | world-facts acc. (lm-eval) |", "|---|---|---|---|---|---|---|---|"]
+    for label, m in agg["models"].items():
+        f = lambda key: _fig(agg, label, key)  # noqa: E731
+        md.append(f"| {label} | {m['parameters'] or '-'} | {cell(f('score'), ci=f('score_ci'))} | "
+                  f"{cell(f('win_rate'), True, f('win_ci'))} | {cell(f('lc_win_rate'), True)} | "
+                  f"{cell(f('greedy_accuracy'), True)} | {cell(f('reward_accuracy'), True)} | {cell(f('knowledge'), True)} |")
+    return md
+
+
+def table1(agg: dict, out: Path) -> list[str]:
+    md = ["## Table 1: a small dDPO model against larger dSFT-only models", "",
+          "| paper model | size | alignment | MT-Bench | AlpacaEval |", "|---|---|---|---|---|"]
+    md += [f"| {n} | {s} | {a} | {m} | {w} |" for n, s, a, m, w in PAPER_TABLE1]
+    md += ["", "| miniature model | parameters | alignment | MT-Bench-style | win rate vs dSFT |", "|---|---|---|---|---|"]
+    students = [x for x in agg["models"] if x.startswith("sft-")]
+    for label in [_paper_rows(agg["models"]).get("dpo"), *students, "sft"]:
+        if label in agg["models"]:
+            align = "dSFT + dDPO" if label.startswith("dpo-") else "dSFT"
+            md.append(f"| {label} | {agg['models'][label]['parameters'] or '-'} | {align} | "
+                      f"{cell(_fig(agg, label, 'score'))} | {cell(_fig(agg, label, 'win_rate'), True)} |")
+    return md
+
+
+def table2(agg: dict, out: Path) -> list[str]:
+    md = ["## Table 2: knowledge kept", "", f"Paper: {PAPER_TABLE2}.", "",
+          "| miniature model | world-facts acc. (120 atlas questions, 4 choices, log-likelihood) |", "|---|---|"]
+    return md + [f"| {label} | {cell(_fig(agg, label, 'knowledge'), True)} |" for label in agg["models"]
+                 if _fig(agg, label, "knowledge")]
+
+
+def table3(agg: dict, out: Path) -> list[str]:
+    md = ["## Table 3: the ablation", "", "| recipe | paper MT-Bench | paper AlpacaEval | miniature model | "
+          "MT-Bench-style | win rate vs dSFT |", "|---|---|---|---|---|---|"]
+    kinds = _paper_rows(agg["models"])
+    for kind, (name, mt, ae) in PAPER_TABLE3.items():
+        label = kinds.get(kind)
+        md.append(f"| {name} | {mt} | {ae} | {label or '-'} | {cell(_fig(agg, label, 'score'))} | "
+                  f"{cell(_fig(agg, label, 'win_rate'), True)} |")
+    return md
+
+
+def epochs_section(agg: dict, out: Path) -> list[str]:
+    if not agg["curve"]:
+        return []
+    figure3(agg["curve"], out / "epochs.png")
+    md = ["## Figure 3: dDPO epochs", "", "![epochs](epochs.png)", "",
+          "| dDPO epochs | MT-Bench-style | greedy acc. | held-out reward acc. | training reward acc. by epoch | "
+          "chosen / rejected reward by epoch |", "|---|---|---|---|---|---|"]
+    for c in agg["curve"]:
+        t = c["train_by_epoch"]
+        accuracy = ", ".join(f"{s['mean']:.1%}" for s in t["rewards/accuracy"] if s)
+        rewards = ", ".join(f"{a['mean']:+.2f} / {b['mean']:+.2f}"
+                            for a, b in zip(t["rewards/chosen"], t["rewards/rejected"]))
+        md.append(f"| {c['epochs']:g} | {cell(c['score'])} | {cell(c['greedy_accuracy'], True)} | "
+                  f"{cell(c['reward_accuracy'], True)} | {accuracy} | {rewards} |")
+    return md + ["", "Rewards: beta x (log pi - log ref) of the chosen and the rejected answer, mean over each "
+                 "epoch's training pairs (seeds' mean): a negative chosen reward means the chosen answers lost probability."]
+
+
+def per_category(agg: dict, out: Path) -> list[str]:
+    cats = sorted(k for k in next(iter(agg["models"].values()))["figures"] if k.startswith("cat:"))
+    if not cats:
+        return []
+    md = ["## Per category (mean over seeds)", "", "| model | " + " | ".join(c[4:] for c in cats) + " |",
+          "|---|" + "---|" * len(cats)]
+    return md + [f"| {label} | " + " | ".join(f"{f['mean']:.1f}" if (f := _fig(agg, label, c)) else "-" for c in cats)
+                 + " |" for label in agg["models"]]
+
+
+def wall_time(agg: dict, out: Path) -> list[str]:
+    md = ["## Wall time (seconds, summed over seeds; base stages run once)", "", "| stage | seconds |", "|---|---|"]
+    md += [f"| {s} | {v:.0f} |" for s, v in agg["seconds"].items() if v is not None]
+    return md + [f"| all | {sum(v for v in agg['seconds'].values() if v is not None):.0f} |"]
+
+
 def write_paper_report(root: Path, out: Path | None = None) -> Path:
     """Markdown and HTML: Tables 1-3 and Figure 3 beside the miniature's rows, with the seeds' spread."""
     agg, out = aggregate(root), out or root / "report"
     out.mkdir(parents=True, exist_ok=True)
-    models = agg["models"]
-    kinds = {}
-    for label, m in models.items():
-        kind = _row_kind(label, m["manifest"])
-        if kind and kind not in kinds:
-            kinds[kind] = label
-    fg = lambda label, key: models[label]["figures"].get(key)  # noqa: E731
     md = [f"# dalign: the paper's tables in miniature ({root})", "",
           f"Seeds {agg['seeds']}; test split ({agg['questions']}). Each cell: mean ± standard deviation over the "
-          "seeds [lowest-highest seed], then the mean of the runs' own 95% intervals.", "",
-          "## All models", "", "| model | parameters | MT-Bench-style score | win rate vs dSFT | LC win rate | greedy acc. "
-          "| held-out reward acc. | world-facts acc. (lm-eval) |", "|---|---|---|---|---|---|---|---|"]
-    for label in models:
-        md.append(f"| {label} | {models[label]['parameters'] or '-'} | {cell(fg(label, 'score'), ci=fg(label, 'score_ci'))} | "
-                  f"{cell(fg(label, 'win_rate'), True, fg(label, 'win_ci'))} | {cell(fg(label, 'lc_win_rate'), True)} | "
-                  f"{cell(fg(label, 'greedy_accuracy'), True)} | {cell(fg(label, 'reward_accuracy'), True)} | "
-                  f"{cell(fg(label, 'knowledge'), True)} |")
-    md += ["", "## Table 1: a small dDPO model against larger dSFT-only models", "",
-           "| paper model | size | alignment | MT-Bench | AlpacaEval |", "|---|---|---|---|---|"]
-    md += [f"| {n} | {s} | {a} | {m} | {w} |" for n, s, a, m, w in PAPER_TABLE1]
-    md += ["", "| miniature model | parameters | alignment | MT-Bench-style | win rate vs dSFT |", "|---|---|---|---|---|"]
-    for label in [kinds.get("dpo"), *[x for x in models if x.startswith("sft-")], "sft"]:
-        if label in models:
-            align = "dSFT + dDPO" if label.startswith("dpo-") else "dSFT"
-            md.append(f"| {label} | {models[label]['parameters'] or '-'} | {align} | {cell(fg(label, 'score'))} | "
-                      f"{cell(fg(label, 'win_rate'), True)} |")
-    md += ["", "## Table 2: knowledge kept", "", f"Paper: {PAPER_TABLE2}.", "",
-           "| miniature model | world-facts acc. (120 atlas questions, 4 choices, log-likelihood) |", "|---|---|"]
-    md += [f"| {label} | {cell(fg(label, 'knowledge'), True)} |" for label in models if fg(label, "knowledge")]
-    md += ["", "## Table 3: the ablation", "", "| recipe | paper MT-Bench | paper AlpacaEval | miniature model | "
-           "MT-Bench-style | win rate vs dSFT |", "|---|---|---|---|---|---|"]
-    for kind, (name, mt, ae) in PAPER_TABLE3.items():
-        label = kinds.get(kind)
-        md.append(f"| {name} | {mt} | {ae} | {label or '-'} | {cell(label and fg(label, 'score'))} | "
-                  f"{cell(label and fg(label, 'win_rate'), True)} |")
-    if agg["curve"]:
-        figure3(agg["curve"], out / "epochs.png")
-        md += ["", "## Figure 3: dDPO epochs", "", "![epochs](epochs.png)", "",
-               "| dDPO epochs | MT-Bench-style | greedy acc. | held-out reward acc. | training reward acc. by epoch | "
-               "chosen / rejected reward by epoch |", "|---|---|---|---|---|---|"]
-        for c in agg["curve"]:
-            t = c["train_by_epoch"]
-            accuracy = ", ".join(f"{s['mean']:.1%}" for s in t["rewards/accuracy"] if s)
-            rewards = ", ".join(f"{a['mean']:+.2f} / {b['mean']:+.2f}" for a, b in zip(t["rewards/chosen"], t["rewards/rejected"]))
-            md.append(f"| {c['epochs']:g} | {cell(c['score'])} | {cell(c['greedy_accuracy'], True)} | "
-                      f"{cell(c['reward_accuracy'], True)} | {accuracy} | {rewards} |")
-        md += ["", "Rewards: beta x (log pi - log ref) of the chosen and the rejected answer, mean over each epoch's "
-               "training pairs (seeds' mean): a negative chosen reward means the chosen answers lost probability."]
-    cats = sorted(k for k in next(iter(models.values()))["figures"] if k.startswith("cat:"))
-    if cats:
-        md += ["", "## Per category (mean over seeds)", "", "| model | " + " | ".join(c[4:] for c in cats) + " |",
-               "|---|" + "---|" * len(cats)]
-        md += [f"| {label} | " + " | ".join(f"{fg(label, c)['mean']:.1f}" if fg(label, c) else "-" for c in cats) + " |"
-               for label in models]
-    md += ["", "## Wall time (seconds, summed over seeds; base stages run once)", "", "| stage | seconds |", "|---|---|"]
-    md += [f"| {s} | {v:.0f} |" for s, v in agg["seconds"].items() if v is not None]
-    md.append(f"| all | {sum(v for v in agg['seconds'].values() if v is not None):.0f} |")
+          "seeds [lowest-highest seed], then the mean of the runs' own 95% intervals."]
+    for section in (all_models, table1, table2, table3, epochs_section, per_category, wall_time):
+        if lines := section(agg, out):
+            md += ["", *lines]
     (out / "report.md").write_text("\n".join(md) + "\n")
     (out / "report.html").write_text(_html(md, out))
-    (out / "aggregate.json").write_text(json.dumps({k: v for k, v in agg.items() if k != "models"} | {
-        "models": {k: {"figures": m["figures"], "parameters": m["parameters"]} for k, m in models.items()}}, indent=1))
+    figures = {k: {"figures": m["figures"], "parameters": m["parameters"]} for k, m in agg["models"].items()}
+    (out / "aggregate.json").write_text(json.dumps({**agg, "models": figures}, indent=1))
     return out / "report.md"
 
 

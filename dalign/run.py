@@ -38,7 +38,8 @@ def plan(recipe: RecipeConfig) -> dict[str, tuple[tuple[str, ...], dict]]:
     if world:
         stages["base"] = ((), config("base"))
     for student in recipe.students:  # its own base model, trained like the world's
-        stages[f"base-{student.name}"] = ((), {"base": recipe.base.model_copy(update={"model": student.model}).model_dump(mode="json")})
+        shaped = recipe.base.model_copy(update={"model": student.model})
+        stages[f"base-{student.name}"] = ((), {"base": shaped.model_dump(mode="json")})
     if with_sft:
         writers = ("teacher", "user_simulator") if recipe.dialogues.source is None else ()
         stages["dialogues"] = (origin, config("dialogues", roles=writers))
