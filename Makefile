@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(BIN)/dalign run recipes/offline.yaml
 
 # The paper's claims over three seeds, with the DPO-epochs curve and a larger dSFT-only student
-# (recipes/ablation.yaml); its report is runs/ablation/report. About 80 minutes on 2 cores.
+# (recipes/ablation.yaml); its report is runs/ablation/report. 74 min on 2 cores (README).
 ablation: $(STAMP)
 	$(BIN)/dalign run recipes/ablation.yaml
 

@@ -59,8 +59,11 @@ def plan(recipe: RecipeConfig) -> dict[str, tuple[tuple[str, ...], dict]]:
         variant = {**v.model_dump(), "epochs": recipe.dpo_for(v).epochs}
         from_sft, sft_method = v.start == "sft", v.method == "sft"
         reads = (origin if sft_method or not from_sft else ()) + (("sft",) if from_sft else ()) + ("pairs",)
-        sections = ("dpo", "sft") if sft_method else ("dpo",)  # dSFT-2 trains with the sft section
-        stages[dpo_names[-1]] = (reads, {**config(*sections, reads_start=not from_sft), "variant": variant})
+        if sft_method:  # dSFT-2 trains with the sft section; of dpo's it reads only the seed (epochs: the variant's)
+            reads_config = {**config("sft", reads_start=not from_sft), "dpo": {"seed": recipe.dpo.seed}}
+        else:
+            reads_config = config("dpo", reads_start=not from_sft)
+        stages[dpo_names[-1]] = (reads, {**reads_config, "variant": variant})
     read = [n for n in ("dialogues", "completions") if n in stages]  # prompts the held-out questions must avoid
     students = [f"sft-{s.name}" for s in recipe.students if with_sft]
     evaluated = [*(["sft"] if with_sft else []), *students, *dpo_names]

@@ -116,3 +116,4 @@ def test_each_stage_hash_covers_exactly_the_roles_it_reads():
     assert changed(f"roles.rater={server}") == ["ratings"]
     assert changed("roles.teacher.world.ramble=0.1") == ["dialogues"]
     assert changed("dpo.beta=0.2") == ["dpo-1ep", "dpo-3ep", "dpo-base", "evaluate"]  # the reward accuracy reads beta
+    assert changed("sft.learning_rate=1.0e-3") == ["sft", "dpo-sft2"]  # dSFT-2 trains with the sft section

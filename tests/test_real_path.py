@@ -157,7 +157,7 @@ def test_the_whole_recipe_runs_stage_by_stage_through_servers_and_reruns_for_fre
     ratings = [json.loads(x) for x in (run_dir / "ratings" / "ratings.jsonl").read_text().splitlines()]
     assert all(c["score"] is not None for r in ratings for c in r["completions"])
     pairs = manifest(run_dir, "pairs")
-    assert pairs["train"] + pairs["test"] + sum(pairs["rows"]["dropped"].values()) == 40
+    assert pairs["train"] + pairs["dev"] + pairs["test"] + sum(pairs["rows"]["dropped"].values()) == 40
     # Two variants: dDPO from the dSFT model and from the starting model, each its own reference.
     assert manifest(run_dir, "dpo-main")["reference"] == str(run_dir / "sft" / "model")
     assert manifest(run_dir, "dpo-nosft")["reference"] == str(tmp_path / "start")
