@@ -156,9 +156,6 @@ def check_sources(r: "RecipeConfig") -> None:
         _refuse("students", "a student is pretrained on the world's corpus: students need start: world")
     if len(set(r.seeds)) != len(r.seeds):
         _refuse("seeds", f"a seed is listed twice: {r.seeds}")
-    names = [v.name for v in r.variants] + [s.name for s in r.students]
-    if len(set(names)) != len(names):
-        _refuse("variants", f"variant and student names must differ: {names}")
     world_data = "answers only the world's own instructions"
     if r.completions.prompts is not None and feedback:
         for i, m in enumerate(r.completions.members):
