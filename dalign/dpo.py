@@ -15,7 +15,6 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -217,7 +216,7 @@ def stage(recipe, out: Path, inputs: dict[str, Path], variant_name: str) -> dict
     (the paper's dSFT-2), SFT from that start on the pairs' chosen answers."""
     from dalign import roles
     from dalign.models import resolve
-    from dalign.sft import run_sft
+    from dalign.sft import replay_and_tokenizer, run_sft
 
     variant = next(v for v in recipe.variants if v.name == variant_name)
     start = Path(resolve(roles.models(recipe, inputs)["sft" if variant.start == "sft" else "start"]))
@@ -227,8 +226,7 @@ def stage(recipe, out: Path, inputs: dict[str, Path], variant_name: str) -> dict
         sft = recipe.sft.model_copy(update={"epochs": cfg.epochs, "seed": cfg.seed,
                                             "learning_rate": variant.learning_rate or recipe.sft.learning_rate})
         out.mkdir(parents=True, exist_ok=True)
-        replay = np.load(inputs["base"] / "corpus_tokens.npy") if recipe.world_start else None  # as the dSFT stage
-        tokenizer = None if recipe.world_start else roles.tokenizer(recipe, inputs)
+        replay, tokenizer = replay_and_tokenizer(recipe, inputs, inputs["base"] if recipe.world_start else None)
         facts = run_sft(sft, start, chosen_dialogues(pairs, out), out, replay, tokenizer)
         return {"seeds": {"data_order": sft.seed}, "start": variant.start, "method": "sft", "reference": str(start), **facts}
     return {"seeds": {"data_order": cfg.seed}, "start": variant.start, **run_dpo(cfg, start, start, pairs, out)}

@@ -72,6 +72,16 @@ def run_sft(cfg: SFTConfig, model_path: Path, dialogues: Path, out: Path, replay
             "read_errors": report.examples}
 
 
+def replay_and_tokenizer(recipe, inputs: dict, base: Path | None) -> tuple[np.ndarray | None, object]:
+    """What run_sft needs beside the model: the replay tokens of the world base model's corpus (None
+    on a model start), and the tokenizer with the recipe's chat template on a model start (None:
+    the model folder's own)."""
+    from dalign import roles
+
+    replay = np.load(base / "corpus_tokens.npy") if base else None
+    return replay, None if recipe.world_start else roles.tokenizer(recipe, inputs)
+
+
 def stage(recipe, out: Path, inputs: dict, student: str | None = None) -> dict:
     """The `sft` stage: dSFT of the starting model on the dialogues, with pretraining-text replay
     when the start is the world's base model (its corpus is at hand); or a student's `sft-<name>`,
@@ -80,7 +90,6 @@ def stage(recipe, out: Path, inputs: dict, student: str | None = None) -> dict:
 
     base = inputs[f"base-{student}" if student else "base"] if recipe.world_start else None
     start = base / "model" if base else roles.models(recipe, inputs)["start"]
-    replay = np.load(base / "corpus_tokens.npy") if base else None
-    tokenizer = None if recipe.world_start else roles.tokenizer(recipe, inputs)
+    replay, tokenizer = replay_and_tokenizer(recipe, inputs, base)
     facts = run_sft(recipe.sft, Path(resolve(start)), inputs["dialogues"] / "dialogues.jsonl", out, replay, tokenizer)
     return {"seeds": {"data_order": recipe.sft.seed}, "start": str(start), **facts}
