@@ -30,7 +30,9 @@ def _rng(seed: int, key: str) -> random.Random:
 
 def binarize_row(row: dict, rule: Rejection, seed: int) -> tuple[dict | None, str | None]:
     """One preference row from one rated prompt, or (None, reason it was dropped)."""
-    rated = [c for c in row["completions"] if c.get("score") is not None]
+    # An empty answer is never a side of a pair (the rating stage leaves it unrated; a ratings file
+    # from elsewhere may not), so every pair is valid input for dDPO.
+    rated = [c for c in row["completions"] if c.get("score") is not None and (c.get("text") or "").strip()]
     if len(rated) < 2:
         return None, "fewer_than_two_rated"
     rng = _rng(seed, str(row["prompt_id"]))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import time
 from enum import Enum
 from pathlib import Path
@@ -306,8 +307,9 @@ def run_mc(cfg: MCConfig, out: Path) -> dict:
     pretrained = resolve(cfg.model)
     data = {}
     for task, files in cfg.data.items():
-        # Absolute: lm_eval would read a relative path from the working directory.
-        data[task] = {split: path.expanduser().resolve() for split, path in files.items()}
+        # Absolute: lm_eval would read a relative path from the working directory. Not resolved:
+        # the provenance names the path the user gave, however its folder is mounted or linked.
+        data[task] = {split: Path(os.path.abspath(path.expanduser())) for split, path in files.items()}
         for split, path in data[task].items():
             if not path.is_file():
                 raise MCError(f"data for {task.value}.{split}: {path} does not exist")

@@ -78,8 +78,10 @@ def parse_ratings(text: str, n: int) -> list[dict]:
 
 def rate_prompts(rows: list[dict], rater: Backend, retries: int, seed: int) -> tuple[list[dict], Counter]:
     """Rate each row's completions in place; returns rows and counts of retries and failures."""
-    # A completion whose generation failed (text None) is not shown; it keeps no score.
-    shown = [[k for k, c in enumerate(row["completions"]) if c["text"] is not None] for row in rows]
+    # A completion whose generation failed (text None) or came back empty is not shown and keeps no
+    # score: an empty reply is a server's fault more often than a model's answer, rating it would
+    # pay for a score that says nothing of the model, and an empty pair side is not a valid row.
+    shown = [[k for k, c in enumerate(row["completions"]) if (c["text"] or "").strip()] for row in rows]
     orders = [random.Random(f"{seed}:{row['prompt_id']}").sample(ks, len(ks)) for row, ks in zip(rows, shown)]
     requests = [rating_prompt(row["prompt"], [row["completions"][i]["text"] for i in order])
                 for row, order in zip(rows, orders)]
@@ -114,8 +116,10 @@ def rate_prompts(rows: list[dict], rater: Backend, retries: int, seed: int) -> t
                 c.update({"ratings": None, "rationale": None, "score": None})
         else:
             for c in row["completions"]:
-                if c["text"] is None:
-                    c.update({"ratings": None, "rationale": "not rated: its generation failed", "score": None})
+                if not (c["text"] or "").strip():
+                    counts["not_rated:" + ("failed_completion" if c["text"] is None else "empty_completion")] += 1
+                    c.update({"ratings": None, "score": None, "rationale": "not rated: its generation failed"
+                              if c["text"] is None else "not rated: the answer is empty"})
     return rows, counts
 
 
@@ -127,7 +131,8 @@ def run_rating(rows: list[dict], rater: Backend, retries: int, chunk_size: int, 
     if is_main():
         write_rows(out / "ratings.jsonl", rated)
     return {"rows": {"kept": len(rated) - counts["failed"], "dropped": {"rating_failed": counts["failed"]}},
-            "retries": counts["retries"], "rater": rater.name}
+            "retries": counts["retries"], "rater": rater.name,
+            "completions_not_rated": {k.split(":")[1]: v for k, v in counts.items() if k.startswith("not_rated:")}}
 
 
 def stage(recipe, out: Path, inputs: dict[str, Path]) -> dict:

@@ -71,3 +71,42 @@ def test_a_rater_that_fails_is_counted_as_failed(tmp_path):
     assert facts["rows"] == {"kept": 0, "dropped": {"rating_failed": 1}} and facts["retries"] == 1
     [row] = read_rows(tmp_path / "ratings.jsonl")
     assert "no reply" in row["rating_error"] and row["rating_raw"] == [None, None]
+
+
+class Blank:
+    """An ensemble member whose server answers with nothing (an empty or blank string)."""
+
+    name = "blank"
+
+    def generate(self, conversations, sampling=Sampling()):
+        return ["" if i % 2 else "  \n" for i, _ in enumerate(conversations)]
+
+
+def test_an_empty_answer_is_never_rated_nor_a_pair_and_the_pairs_read_back_for_dpo(tmp_path):
+    """The chain completions -> ratings -> pairs -> dDPO's reader with a member that answers
+    empty: the empty answers are counted at each stage and never become a side of a pair."""
+    from dalign.data import validate_preference, write_rows
+
+    prompts = [{"prompt_id": f"p{i}", "prompt": [{"role": "user", "content": q}]}
+               for i, q in enumerate(["What is 2 plus 3?", "What is 7 minus 4?", "What is 6 times 2?"] * 4)]
+    members = [Member("good", WorldTeacher(Flaws()), Sampling()), Member("blank", Blank(), Sampling()),
+               Member("rambler", WorldTeacher(Flaws(ramble=1.0)), Sampling())]
+    facts = run_completions(prompts, members, 2, ["none"], 5, 0, tmp_path / "c")
+    rows = read_rows(tmp_path / "c" / "completions.jsonl")
+    empty = sum(c["model"] == "blank" for r in rows for c in r["completions"])
+    assert empty > 0 and facts["flagged"] == {"empty_completion": empty}
+    rated_facts = run_rating(rows, WorldRater(), 0, 5, 0, tmp_path / "r")
+    assert rated_facts["completions_not_rated"] == {"empty_completion": empty}
+    rated = read_rows(tmp_path / "r" / "ratings.jsonl")
+    # Only the non-empty answers were shown to the rater.
+    assert all(len(r["rating_order"]) == sum(c["model"] != "blank" for c in r["completions"]) for r in rated)
+    splits, dropped = binarize(rated, Rejection.RANDOM, 0, 0.0)
+    # A prompt answered by `blank` has one answer left to rate: no pair, counted.
+    with_blank = sum(any(c["model"] == "blank" for c in r["completions"]) for r in rows)
+    assert dropped == {"fewer_than_two_rated": with_blank} and len(splits["train"]) == len(rows) - with_blank
+    write_rows(tmp_path / "train.jsonl", splits["train"])
+    assert len(read_rows(tmp_path / "train.jsonl", validate=validate_preference)) == len(rows) - with_blank
+    # A ratings file from elsewhere that scored an empty answer still gives no empty side.
+    scored = [{**r, "completions": [{**c, "score": c["score"] if c["score"] is not None else 5.0}
+                                    for c in r["completions"]]} for r in rated]
+    assert all(p["rejected"][0]["content"].strip() for p in binarize(scored, Rejection.RANDOM, 0, 0.0)[0]["train"])

@@ -102,12 +102,15 @@ def test_arc_zero_shot_equals_the_log_likelihoods_computed_by_hand(tiny, tmp_pat
 @needs_lm_eval
 @needs_arc
 def test_the_cli_reads_a_data_folder_and_prints_the_scores(tiny, tmp_path, one_thread, capsys):
-    code = main(["evaluate", "mc", str(tiny), "--tasks", "arc_challenge", "--data", f"arc_challenge={ARC}",
+    linked = tmp_path / "linked-arc"  # a data folder reached through a symbolic link, as a mount may be
+    linked.symlink_to(ARC, target_is_directory=True)
+    code = main(["evaluate", "mc", str(tiny), "--tasks", "arc_challenge", "--data", f"arc_challenge={linked}",
                  "--num-fewshot", "0", "--limit", "4", "--out", str(tmp_path / "out")])
     assert code == 0
     assert "| arc_challenge | 0 | 4 |" in capsys.readouterr().out
     written = json.loads((tmp_path / "out" / "mc.json").read_text())
-    assert written["provenance"]["data"]["arc_challenge"]["train"] == str(ARC_FILES["train"])
+    # The provenance names the path given, not where the link leads.
+    assert written["provenance"]["data"]["arc_challenge"]["train"] == str(linked / ARC_FILES["train"].name)
 
 
 def test_an_unknown_task_is_refused_naming_the_choices(tmp_path, capsys):
