@@ -8,6 +8,7 @@ from pathlib import Path
 
 from dalign.config import ConfigError
 from dalign.data import RowError
+from dalign.lock import RunLockError
 from dalign.manifest import StageDirError
 from dalign.models import ModelError
 from dalign.parallel import Engine, LaunchError, is_main, launched_engine, launched_processes
@@ -147,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
             print(dry_run(recipe, args.processes or launched_processes(), Engine(args.engine or launched_engine())))
             return 0
         manifests = run_recipe(recipe, only=stage)
-    except (ConfigError, RowError, StageDirError, MissingInputError, ModelError, LaunchError, ServeError) as err:
+    except (ConfigError, RowError, StageDirError, MissingInputError, ModelError, LaunchError, ServeError,
+            RunLockError) as err:
         print(f"dalign: error: {err}", file=sys.stderr)
         return 2
     evaluation = manifests.get(evaluation_stage(recipe))

@@ -11,9 +11,12 @@ version, seeds, row counts kept and dropped, and the global batch size.
 
 from __future__ import annotations
 
+import contextlib
+
 from dalign import binarize, completions, dpo, evaluate, generate, pretrain, rate, serving, sft
 from dalign.adapters import check as check_lora
 from dalign.config import ConfigError
+from dalign.lock import RunLock
 from dalign.manifest import Stage
 from dalign.parallel import barrier, is_main, launched_processes
 from dalign.recipe import RecipeConfig
@@ -132,9 +135,15 @@ def run_stage(recipe: RecipeConfig, name: str, stages: dict | None = None) -> di
 
 def run_recipe(recipe: RecipeConfig, only: str | None = None) -> dict:
     """Every stage of the recipe, or those of the one named `only` (its inputs must have completed).
-    With `seeds`, each seed's run in turn (the base stages once, shared); returns the last seed's."""
-    if recipe.seeds:
-        return [run_recipe(recipe.for_seed(s), only) for s in recipe.seeds][-1]
+    With `seeds`, each seed's run in turn (the base stages once, shared); returns the last seed's.
+    The run directory is locked meanwhile (by rank 0 of a launch): a second run on it is refused."""
+    with RunLock(recipe.run_dir) if is_main() else contextlib.nullcontext():
+        if recipe.seeds:
+            return [_run_stages(recipe.for_seed(s), only) for s in recipe.seeds][-1]
+        return _run_stages(recipe, only)
+
+
+def _run_stages(recipe: RecipeConfig, only: str | None) -> dict:
     stages = plan(recipe)
     if only in ("dpo", "sft", "base", "evaluate"):  # `dalign dpo` runs every variant, `dalign sft` every student
         names = [n for n in stages if n.split("-")[0] == only]
