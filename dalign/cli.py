@@ -15,6 +15,7 @@ from dalign.parallel import Engine, LaunchError, is_main, launched_engine, launc
 from dalign.recipe import load_recipe
 from dalign.run import MissingInputError, evaluation_stage, run_recipe, score_table
 from dalign.serving import ServeError
+from dalign.train import NonFiniteError
 
 DEFAULT_RECIPE = None  # the built-in offline world; recipes/offline.yaml spells the same values out
 
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         manifests = run_recipe(recipe, only=stage)
     except (ConfigError, RowError, StageDirError, MissingInputError, ModelError, LaunchError, ServeError,
-            RunLockError) as err:
+            RunLockError, NonFiniteError) as err:
         print(f"dalign: error: {err}", file=sys.stderr)
         return 2
     evaluation = manifests.get(evaluation_stage(recipe))

@@ -136,17 +136,23 @@ class Plan:
         self.steps_per_epoch = max(1, len(rows) // self.global_batch)
         self.total_steps = cfg.max_steps or max(1, int(cfg.epochs * self.steps_per_epoch))
 
-    def rows_for(self, step: int) -> list:
+    def indices_for(self, step: int) -> list[int]:
+        """This process's rows of the step, as positions in `rows`."""
         epoch, index = divmod(step, self.steps_per_epoch)
         order = list(range(len(self.rows)))
         random.Random(self.cfg.seed * 1_000_003 + epoch).shuffle(order)
         chosen = order[index * self.global_batch:(index + 1) * self.global_batch]
-        mine = chosen[self.rank::self.processes]
-        return [self.rows[i] for i in mine]
+        return chosen[self.rank::self.processes]
+
+    def rows_for(self, step: int) -> list:
+        return [self.rows[i] for i in self.indices_for(step)]
+
+    def micro_indices(self, step: int) -> list[list[int]]:
+        mine, n = self.indices_for(step), self.sizes.accumulation
+        return [mine[i::n] for i in range(n) if mine[i::n]]
 
     def micro_batches(self, step: int) -> list[list]:
-        rows, n = self.rows_for(step), self.sizes.accumulation
-        return [rows[i::n] for i in range(n) if rows[i::n]]
+        return [[self.rows[i] for i in part] for part in self.micro_indices(step)]
 
 
 def train(model, rows: Sequence, make_batch: Callable[[list], dict], cfg: TrainConfig, out: Path,
@@ -194,17 +200,23 @@ def train(model, rows: Sequence, make_batch: Callable[[list], dict], cfg: TrainC
         # each unit weighs the same however the step is split into micro-batches and processes.
         n_local = sum(objective.count(b) for b in micro)
         n_total = int(accelerator.reduce(torch.tensor(n_local, device=accelerator.device), reduction="sum"))
+        non_finite = []  # this process's micro-batches whose loss is NaN or infinite
         for i, batch in enumerate(micro):
             last = i == len(micro) - 1
             # Gradients are reduced (and DeepSpeed's engine steps) after the step's last micro-batch only.
             accelerator.sync_gradients = last
             with contextlib.nullcontext() if last else accelerator.no_sync(model):
                 loss_sum, metrics = objective.loss(model, batch)
+                if not bool(torch.isfinite(loss_sum.detach()).all()):
+                    non_finite.append(i)
                 # The engines average gradients over processes and divide the loss by the
                 # accumulation: multiply both back so the step's gradient is a mean per unit.
                 accelerator.backward(loss_sum * sizes.processes * sizes.accumulation / max(1, n_total))
             window.add(loss_sum.item(), metrics)
         grad_norm = parallel.clip_gradients(accelerator, engine, trainable, cfg.max_grad_norm)
+        # Before the step can be checkpointed: the last good checkpoint stays the one to resume from.
+        check_finite(accelerator, step + 1, non_finite, plan.micro_indices(step), grad_norm,
+                     scaled=cfg.mixed_precision == "fp16", where=ckpt_dir, desc=desc)
         optimizer.step()
         if not optimizer.step_was_skipped:  # fp16 overflow: the step did not happen, nor does the schedule's
             scheduler.step()
@@ -230,6 +242,31 @@ def train(model, rows: Sequence, make_batch: Callable[[list], dict], cfg: TrainC
     return {"steps": plan.total_steps, **sizes.as_dict(), "engine": engine.value,
             "mixed_precision": cfg.mixed_precision, "activation_checkpointing": cfg.activation_checkpointing,
             "rows": len(rows), "steps_per_epoch": plan.steps_per_epoch, "resumed_from_step": start}
+
+
+class NonFiniteError(RuntimeError):
+    """A training step's loss or gradient is NaN or infinite."""
+
+
+def check_finite(accelerator, step: int, non_finite: list[int], micro_indices: list[list[int]], grad_norm: float,
+                 scaled: bool, where: Path, desc: str) -> None:
+    """Stop every process together when any process saw a non-finite loss, or the gradient norm
+    (the same on every process) is not finite. Under fp16 an infinite gradient is the loss
+    scaler's to handle (it skips the step and lowers the scale), so only the loss counts."""
+    bad_grad = not scaled and not math.isfinite(grad_norm)
+    flags = accelerator.reduce(torch.tensor([float(bool(non_finite)), float(bad_grad)], device=accelerator.device),
+                               reduction="sum")
+    if not bool(flags.any()):
+        return
+    rows = sorted(i for m in non_finite for i in micro_indices[m])
+    what = (f"the loss is not finite in micro-batch(es) {non_finite} (training rows {rows}, 0-based positions in "
+            "this stage's rows)" if non_finite else "the loss is not finite on another process" if flags[0] else
+            f"the gradient norm is {grad_norm}")
+    last = latest_checkpoint(where)
+    raise NonFiniteError(f"{desc}: step {step}: {what}; nothing of this step was saved. "
+                         + (f"The last good checkpoint is {last}: a rerun resumes from it" if last else
+                            "No checkpoint yet: a rerun starts over") +
+                         " (lower the learning rate, or drop the rows named, first)")
 
 
 class Window:
