@@ -12,9 +12,9 @@ import importlib.util
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
 
 from dalign.config import ConfigError, LoraConfig
+from dalign.models import load_weights
 
 
 def check(lora: LoraConfig | None, where: str) -> None:
@@ -45,7 +45,7 @@ def load_trainable(path: str | Path, lora: LoraConfig | None, seed: int = 0):
     bf16, and AdamW steps of 5e-7 on bf16 weights round away; mixed precision (autocast, or
     DeepSpeed's 16-bit mode with its fp32 master copy) is the training stage's to apply."""
     if lora is None:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        return load_weights(path, dtype=torch.float32)
     import peft
 
     if lora.load_in_4bit:
@@ -53,10 +53,10 @@ def load_trainable(path: str | Path, lora: LoraConfig | None, seed: int = 0):
 
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                    bnb_4bit_compute_dtype=torch.bfloat16)
-        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, device_map={"": 0})
+        model = load_weights(path, quantization_config=quant, device_map={"": 0})
         model = peft.prepare_model_for_kbit_training(model)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = load_weights(path, dtype=torch.float32)
     torch.manual_seed(seed)
     return peft.get_peft_model(model, peft.LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                                       target_modules=lora.target_modules, task_type="CAUSAL_LM"))
@@ -75,7 +75,7 @@ def save_trained(model, start: str | Path | None, lora: LoraConfig | None, out: 
     if lora.load_in_4bit:
         import peft
 
-        full = AutoModelForCausalLM.from_pretrained(start, dtype=torch.bfloat16)
+        full = load_weights(start, dtype=torch.bfloat16)
         model = peft.PeftModel.from_pretrained(full, out / "adapter")
     model.merge_and_unload().save_pretrained(out / "model")
 

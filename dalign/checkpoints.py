@@ -9,7 +9,9 @@ rank 0 add `state.json` and rename the folder, so a checkpoint exists whole or n
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -50,5 +52,29 @@ def save_checkpoint(accelerator, folder: Path, step: int, keep: int) -> None:
 
 def load_checkpoint(accelerator, path: Path) -> int:
     """Restore the prepared objects from `path` (every process); returns its step."""
-    accelerator.load_state(str(path))
+    with weights_only_loads():
+        # accelerate skips random states it cannot load with only a log line (the resumed run would
+        # then draw other numbers); loading them first makes a refused file an error here.
+        from accelerate.utils import load
+
+        for states in path.glob("random_states_*.pkl"):
+            load(states)
+        accelerator.load_state(str(path))
     return json.loads((path / "state.json").read_text())["step"]
+
+
+@contextlib.contextmanager
+def weights_only_loads():
+    """Every torch.load inside unpickles tensors and plain containers only, never code: a file
+    planted in a checkpoint folder cannot run anything. Needed because accelerate unpickles the
+    objects registered for checkpointing (the schedule) with weights_only=False, and DeepSpeed
+    its partitions likewise; torch's own switch overrides both."""
+    old = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"]
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = old

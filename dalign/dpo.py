@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from dalign.chat import IGNORE, TemplateError, prompt_ids, tokenize_dialogue
 from dalign import adapters
 from dalign.config import DPOConfig
 from dalign.data import read_rows, validate_preference, write_json
+from dalign.models import load_weights
 from dalign.losses import PreferenceLoss, preference_loss
 from dalign.packed import collate_packed_pairs, packed_attention, packed_token_logps
 from dalign.parallel import autocast, gather_shares, process_state
@@ -160,7 +161,7 @@ def reference_logps(reference_path: Path, pairs: list[Pair], pairs_path: Path, c
         state = process_state()
         # fp32 weights like the policy's (dalign.adapters.load_trainable) and products at the
         # training precision, so that at step 0 policy and reference agree.
-        model = (adapted or AutoModelForCausalLM.from_pretrained(reference_path, dtype=torch.float32)).to(state.device)
+        model = (adapted or load_weights(reference_path, dtype=torch.float32)).to(state.device)
         mine = pairs[state.process_index::state.num_processes]
         with adapted.disable_adapter() if adapted is not None else contextlib.nullcontext(), \
                 packed_attention(model, cfg.packed), autocast(state.device, cfg.mixed_precision):

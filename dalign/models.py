@@ -61,10 +61,17 @@ def load_tokenizer(spec: str | Path, chat_template: str | None = None):
 def load_model(spec: str | Path, dtype: str = "float32", device_map: str | None = None):
     """A causal LM by folder, built-in name or hub id."""
     import torch
+
+    return _hub_call(load_weights, resolve(spec), dtype=getattr(torch, dtype), device_map=device_map)
+
+
+def load_weights(path: str | Path, **kwargs):
+    """`AutoModelForCausalLM.from_pretrained`, from safetensors only and with no code of the
+    model's own: a pickled `pytorch_model.bin` can run code when loaded, and so can a model
+    folder's Python files (trust_remote_code). Every model dalign loads comes through here."""
     from transformers import AutoModelForCausalLM
 
-    return _hub_call(AutoModelForCausalLM.from_pretrained, resolve(spec), dtype=getattr(torch, dtype),
-                     device_map=device_map)
+    return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, trust_remote_code=False, **kwargs)
 
 
 def _hub_call(load, name: str, **kwargs):
