@@ -47,7 +47,8 @@ class RowError(ValueError):
 
     ``reason`` is a short snake_case key (``unknown_role``, ``empty_content``,
     ``missing_field``, ``wrong_type``, ``extra_field``, ``empty_field``,
-    ``bad_order``, ``bad_final_turn``, ``malformed_json``) used to count drops.
+    ``bad_order``, ``bad_final_turn``, ``malformed_json``, ``malformed_parquet``, ``bad_text``)
+    used to count drops.
     """
 
     def __init__(self, message: str, *, reason: str = "invalid_row", field: str | None = None,
@@ -96,7 +97,19 @@ def _check_message(msg: Any, field: str) -> str:
                        field=f"{field}.content")
     if not content.strip():
         raise RowError("content is empty", reason="empty_content", field=f"{field}.content")
+    _check_text(content, f"{field}.content")
     return role
+
+
+def _check_text(text: str, field: str) -> None:
+    """Raise RowError if ``text`` cannot be written back as UTF-8."""
+    # A JSON escape like "\ud800" decodes to a lone surrogate: the row reads, but writing it
+    # (write_rows) or hashing it (readers' ids) raised UnicodeEncodeError. Found by test_fuzz_readers.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RowError(f"text holds a lone surrogate {text[e.start]!r} at {e.start}, which is not Unicode",
+                       reason="bad_text", field=field) from None
 
 
 def _check_list(row: dict, key: str) -> list:
@@ -185,6 +198,47 @@ class ReadReport:
                 "examples": list(self.examples)}
 
 
+# What json.loads raises for bytes that are no JSON document, besides JSONDecodeError (found by
+# test_fuzz_readers): UnicodeDecodeError (bad UTF-8), ValueError (an integer of over 4300 digits)
+# and RecursionError (nesting deeper than about 1000).
+_JSON_ERRORS = (ValueError, RecursionError)
+
+
+def _parquet_batches(path: Path) -> Iterator[Any]:
+    """The file's record batches; a file pyarrow cannot read (truncated, damaged, not Parquet)
+    raises RowError naming it instead of pyarrow's ArrowInvalid or OSError."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        yield from pq.ParquetFile(path).iter_batches(batch_size=1024)
+    except FileNotFoundError:
+        raise  # as for the other formats
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as e:
+        raise RowError(f"not a readable Parquet file: {type(e).__name__}: {e}", reason="malformed_parquet",
+                       path=path) from e
+
+
+def _parquet_rows(batch: Any) -> list[Any]:
+    """A batch's rows as dicts; pyarrow does not check UTF-8 on read, so a string column may hold
+    bytes that fail in to_pylist: then that row is a RowError naming the column, the others are kept."""
+    try:
+        return batch.to_pylist()
+    except UnicodeDecodeError:
+        pass
+    rows = []
+    for i in range(batch.num_rows):
+        row = {}
+        for name, column in zip(batch.schema.names, batch.columns):
+            try:
+                row[name] = column[i].as_py()
+            except UnicodeDecodeError as e:
+                row = RowError(f"not valid UTF-8: {e}", reason="bad_text", field=name)
+                break
+        rows.append(row)
+    return rows
+
+
 def _raw_rows(path: Path) -> Iterator[tuple[int, Any]]:
     """Yield (1-based row number, decoded row or RowError) without validating."""
     suffix = path.suffix.lower()
@@ -198,21 +252,19 @@ def _raw_rows(path: Path) -> Iterator[tuple[int, Any]]:
                     continue
                 try:
                     yield n, json.loads(raw.decode("utf-8"))
-                except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                except _JSON_ERRORS as e:
                     yield n, RowError(f"not valid JSON: {e}", reason="malformed_json")
     elif suffix == ".parquet":
-        import pyarrow.parquet as pq
-
         n = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-            for row in batch.to_pylist():
+        for batch in _parquet_batches(path):
+            for row in _parquet_rows(batch):
                 n += 1
                 yield n, row
     elif suffix == ".json":
         with open(path, encoding="utf-8") as f:
             try:
                 data = json.load(f)
-            except json.JSONDecodeError as e:
+            except _JSON_ERRORS as e:
                 raise RowError(f"not valid JSON: {e}", reason="malformed_json", path=path) from e
         if not isinstance(data, list):
             raise RowError(f"file holds {_type_name(data)}, expected a list of objects", reason="wrong_type",

@@ -19,13 +19,14 @@ import itertools
 import json
 import logging
 import math
+import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from dalign.data import (ReadReport, RowError, _check_conversation, _check_list, _check_row_is_dict, _raw_rows,
-                         validate_dialogue, validate_preference, write_rows)
+from dalign.data import (_JSON_ERRORS, ReadReport, RowError, _check_conversation, _check_list, _check_row_is_dict,
+                         _check_text, _raw_rows, validate_dialogue, validate_preference, write_rows)
 
 logger = logging.getLogger("dalign.readers")
 
@@ -76,7 +77,7 @@ def _json_rows(path: Path) -> Iterator[tuple[int, Any]]:
     # data._raw_rows takes only a top-level list; exports of `datasets` and many repos wrap it in {"data": [...]}.
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+    except _JSON_ERRORS as e:  # not only JSONDecodeError: bad UTF-8, deep nesting, huge integers
         raise RowError(f"not valid JSON: {e}", reason="malformed_json", path=path) from e
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
@@ -163,6 +164,7 @@ def _text(row: dict, key: str, *, allow_empty: bool = False) -> str:
         raise RowError(f"{key} is {type(value).__name__}, expected str", reason="wrong_type", field=key)
     if not allow_empty and not value.strip():
         raise RowError(f"{key} is empty", reason="empty_content", field=key)
+    _check_text(value, key)
     return value
 
 
@@ -177,7 +179,9 @@ def _strings(row: dict, key: str, *, allow_empty: bool) -> list[str]:
 def _row_id(row: dict, key: str, text: str) -> str:
     value = row.get(key)
     if value is None:  # the hub's ultrachat/ultrafeedback prompt_id is this same hash of the prompt
-        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+        # surrogatepass: a prompt text that is not checked (a dialogue's `prompt`) may hold a lone
+        # surrogate, which plain UTF-8 refuses with UnicodeEncodeError; the hash needs only bytes.
+        return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
     return str(value) if isinstance(value, int) and not isinstance(value, bool) else _text(row, key)
 
 
@@ -215,7 +219,9 @@ def _score(row: dict, key: str) -> float | None:
         value, field = meta.get(key), f"metadata.{key}"
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    # abs(value) > max first: math.isfinite raises OverflowError for an int too large for a float.
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or abs(value) > sys.float_info.max
+            or not math.isfinite(value)):
         raise RowError(f"{key} is {value!r}, expected a finite number", reason="wrong_type", field=field)
     return float(value)
 
@@ -245,6 +251,8 @@ def _question(row: dict) -> dict:
     qid = _need(row, "question_id")
     if isinstance(qid, bool) or not isinstance(qid, (int, str)):
         raise RowError(f"question_id is {qid!r}, expected int or str", reason="wrong_type", field="question_id")
+    if isinstance(qid, str):  # a str id is returned as it is, so it must be writable text
+        _check_text(qid, "question_id")
     # FastChat leaves a reference "" for a turn it has none for; a turn itself must not be empty.
     return {"question_id": qid, "category": _text(row, "category"),
             "turns": _strings(row, "turns", allow_empty=False),
