@@ -215,19 +215,22 @@ def stage(recipe, out: Path, inputs: dict[str, Path], variant_name: str) -> dict
     """A `dpo-<variant>` stage: dDPO on the training pairs from the variant's start ('sft', or the
     recipe's starting model), which is also the frozen reference; or, for a variant of method sft
     (the paper's dSFT-2), SFT from that start on the pairs' chosen answers."""
-    from dalign import roles
+    from dalign import decontaminate, roles
     from dalign.models import resolve
     from dalign.sft import replay_and_tokenizer, run_sft
 
     variant = next(v for v in recipe.variants if v.name == variant_name)
     start = Path(resolve(roles.models(recipe, inputs)["sft" if variant.start == "sft" else "start"]))
     cfg = recipe.dpo_for(variant)
-    pairs = inputs["pairs"] / "train.jsonl"
+    pairs, checked = decontaminate.decontaminated_file(recipe, inputs["pairs"] / "train.jsonl",
+                                                       decontaminate.preference_texts, out)
     if variant.method == "sft":
         sft = recipe.sft.model_copy(update={"epochs": cfg.epochs, "seed": cfg.seed,
                                             "learning_rate": variant.learning_rate or recipe.sft.learning_rate})
         out.mkdir(parents=True, exist_ok=True)
         replay, tokenizer = replay_and_tokenizer(recipe, inputs, inputs["base"] if recipe.world_start else None)
         facts = run_sft(sft, start, chosen_dialogues(pairs, out), out, replay, tokenizer)
-        return {"seeds": {"data_order": sft.seed}, "start": variant.start, "method": "sft", "reference": str(start), **facts}
-    return {"seeds": {"data_order": cfg.seed}, "start": variant.start, **run_dpo(cfg, start, start, pairs, out)}
+        return {"seeds": {"data_order": sft.seed}, "start": variant.start, "method": "sft", "reference": str(start), **facts,
+                "decontamination": checked}
+    return {"seeds": {"data_order": cfg.seed}, "start": variant.start, **run_dpo(cfg, start, start, pairs, out),
+            "decontamination": checked}

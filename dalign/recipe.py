@@ -41,6 +41,22 @@ class DryRunConfig(Strict):
     """Preference pairs (ultrafeedback_binarized train_prefs: 61,135)."""
 
 
+class DecontaminateConfig(Strict):
+    """N-gram decontamination of the training data against the recipe's evaluation sets read from
+    files (evaluate.mt_bench, evaluate.alpaca_eval, evaluate.mc's ARC data): the sft and dpo stages
+    drop every dialogue or pair that shares a run of `n` words with one, before training, and count
+    the drops by evaluation set (dalign.decontaminate). The world's own held-out sets are drawn apart
+    from every training prompt instead; world_facts asks the corpus's facts by design."""
+
+    enabled: bool = True
+    """False trains on the rows as they are (the manifest then says nothing was checked)."""
+    n: int = Field(13, ge=1)
+    """Words in a shared run that makes a match: 13, as GPT-3 and open-instruct."""
+    min_words: int = Field(8, ge=1)
+    """An evaluation text shorter than n words matches when contained whole; one shorter than this
+    only when a training text equals it (a 4-word question occurs inside many innocent texts)."""
+
+
 class Student(Strict):
     """A further student of another size, pretrained on the world's corpus and dSFT'd on the same
     dialogues with the same settings, evaluated beside the others (the paper's Table 1 sets larger
@@ -86,6 +102,8 @@ class RecipeConfig(Strict):
     """dDPO runs to make and compare: the first is the recipe's model, the rest are ablations."""
     evaluate: EvalConfig = EvalConfig()
     """Evaluation of every model: MT-Bench style, win rate, held-out reward accuracy, multiple choice."""
+    decontaminate: DecontaminateConfig = DecontaminateConfig()
+    """Training rows that overlap an evaluation set are dropped before training and counted."""
     dry_run: DryRunConfig = DryRunConfig()
     """Data sizes for `dalign run --dry-run`."""
     students: list[Student] = Field(default_factory=list)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 
-from dalign import binarize, completions, dpo, evaluate, generate, pretrain, rate, serving, sft
+from dalign import binarize, completions, decontaminate, dpo, evaluate, generate, pretrain, rate, serving, sft
 from dalign.adapters import check as check_lora
 from dalign.config import ConfigError
 from dalign.lock import RunLock
@@ -36,6 +36,8 @@ def plan(recipe: RecipeConfig) -> dict[str, tuple[tuple[str, ...], dict]]:
             c["roles"] = {r: getattr(recipe.roles, r).model_dump(mode="json") for r in roles}
         return {**(start if reads_start else {}), **c}
 
+    # The training stages' hash covers the evaluation sets their rows were checked against.
+    checked = {"decontaminate": dc} if (dc := decontaminate.plan_config(recipe)) is not None else {}
     origin = ("base",) if world else ()
     stages: dict[str, tuple[tuple[str, ...], dict]] = {}
     if world:
@@ -46,9 +48,9 @@ def plan(recipe: RecipeConfig) -> dict[str, tuple[tuple[str, ...], dict]]:
     if with_sft:
         writers = ("teacher", "user_simulator") if recipe.dialogues.source is None else ()
         stages["dialogues"] = (origin, config("dialogues", roles=writers))
-        stages["sft"] = (origin + ("dialogues",), config("sft"))
+        stages["sft"] = (origin + ("dialogues",), {**config("sft"), **checked})
         for student in recipe.students:  # the same dialogues and settings
-            stages[f"sft-{student.name}"] = ((f"base-{student.name}", "dialogues"), config("sft"))
+            stages[f"sft-{student.name}"] = ((f"base-{student.name}", "dialogues"), {**config("sft"), **checked})
     trained = origin + (("dialogues", "sft") if with_sft else ())
     if recipe.pairs.source is None:
         stages["completions"] = (trained, config("completions"))
@@ -66,7 +68,7 @@ def plan(recipe: RecipeConfig) -> dict[str, tuple[tuple[str, ...], dict]]:
             reads_config = {**config("sft", reads_start=not from_sft), "dpo": {"seed": recipe.dpo.seed}}
         else:
             reads_config = config("dpo", reads_start=not from_sft)
-        stages[dpo_names[-1]] = (reads, {**reads_config, "variant": variant})
+        stages[dpo_names[-1]] = (reads, {**reads_config, "variant": variant, **checked})
     read = [n for n in ("dialogues", "completions") if n in stages]  # prompts the held-out questions must avoid
     students = [f"sft-{s.name}" for s in recipe.students if with_sft]
     evaluated = [*(["sft"] if with_sft else []), *students, *dpo_names]
@@ -136,14 +138,17 @@ def run_stage(recipe: RecipeConfig, name: str, stages: dict | None = None) -> di
 def run_recipe(recipe: RecipeConfig, only: str | None = None) -> dict:
     """Every stage of the recipe, or those of the one named `only` (its inputs must have completed).
     With `seeds`, each seed's run in turn (the base stages once, shared); returns the last seed's.
-    The run directory is locked meanwhile (by rank 0 of a launch): a second run on it is refused."""
+    What can be refused is refused first; then the run directory is locked (by rank 0 of a
+    launch) while the stages run: a second run on it is refused."""
+    runs = [recipe.for_seed(s) for s in recipe.seeds] or [recipe]
+    planned = [(run, *stages_to_run(run, only)) for run in runs]
     with RunLock(recipe.run_dir) if is_main() else contextlib.nullcontext():
-        if recipe.seeds:
-            return [_run_stages(recipe.for_seed(s), only) for s in recipe.seeds][-1]
-        return _run_stages(recipe, only)
+        return [{name: run_stage(run, name, stages) for name in names} for run, stages, names in planned][-1]
 
 
-def _run_stages(recipe: RecipeConfig, only: str | None) -> dict:
+def stages_to_run(recipe: RecipeConfig, only: str | None) -> tuple[dict, list[str]]:
+    """The recipe's plan and the stages of it to run, once everything that can be refused before
+    any work has been checked."""
     stages = plan(recipe)
     if only in ("dpo", "sft", "base", "evaluate"):  # `dalign dpo` runs every variant, `dalign sft` every student
         names = [n for n in stages if n.split("-")[0] == only]
@@ -154,7 +159,7 @@ def _run_stages(recipe: RecipeConfig, only: str | None) -> dict:
     for section in ("sft", "dpo"):  # QLoRA without a GPU, say: before any stage
         check_lora(getattr(recipe, section).lora, section)
     check_launch(recipe, names)
-    return {name: run_stage(recipe, name, stages) for name in names}
+    return stages, names
 
 
 def score_table(evaluation: dict) -> str:

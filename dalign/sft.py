@@ -86,10 +86,12 @@ def stage(recipe, out: Path, inputs: dict, student: str | None = None) -> dict:
     """The `sft` stage: dSFT of the starting model on the dialogues, with pretraining-text replay
     when the start is the world's base model (its corpus is at hand); or a student's `sft-<name>`,
     from its own base model."""
-    from dalign import roles
+    from dalign import decontaminate, roles
 
     base = inputs[f"base-{student}" if student else "base"] if recipe.world_start else None
     start = base / "model" if base else roles.models(recipe, inputs)["start"]
     replay, tokenizer = replay_and_tokenizer(recipe, inputs, base)
-    facts = run_sft(recipe.sft, Path(resolve(start)), inputs["dialogues"] / "dialogues.jsonl", out, replay, tokenizer)
-    return {"seeds": {"data_order": recipe.sft.seed}, "start": str(start), **facts}
+    dialogues, checked = decontaminate.decontaminated_file(recipe, inputs["dialogues"] / "dialogues.jsonl",
+                                                           decontaminate.dialogue_texts, out)
+    facts = run_sft(recipe.sft, Path(resolve(start)), dialogues, out, replay, tokenizer)
+    return {"seeds": {"data_order": recipe.sft.seed}, "start": str(start), **facts, "decontamination": checked}

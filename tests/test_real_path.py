@@ -95,7 +95,8 @@ def recipe(tmp_path, world_tokenizer, one_thread, server, monkeypatch):
     world_tokenizer.save_pretrained(tmp_path / "start")
     write_rows(tmp_path / "prompts.jsonl", [{"instruction": r["prompt"][0]["content"]} for r in world_pairs(40)])
     write_rows(tmp_path / "questions.jsonl", [
-        {"question_id": 1, "category": "writing", "turns": ["Write one line about rain.", "Make it sad."]},
+        # Its first turn is inside every dSFT dialogue about trains: decontamination drops those.
+        {"question_id": 1, "category": "writing", "turns": ["What should I know about trains?", "Make it sad."]},
         {"question_id": 2, "category": "math", "turns": ["What is 2 + 3?", "And times 2?"], "reference": ["5", "10"]}])
     write_rows(tmp_path / "alpaca.jsonl", [{"instruction": f"Say {w}.", "output": f"{w}.", "generator": "ref"}
                                            for w in ("hello", "goodbye", "thanks")])
@@ -114,6 +115,7 @@ def recipe(tmp_path, world_tokenizer, one_thread, server, monkeypatch):
         "dpo": {"max_steps": 10, "max_length": 128, "learning_rate": 2e-2, "beta": 0.5, "per_device_batch_size": 4,
                 "lora": {"rank": 4}},
         "variants": [{"name": "main", "start": "sft"}, {"name": "nosft", "start": "start"}],
+        "decontaminate": {"min_words": 4},  # the questions here are short: matched when contained whole
         "evaluate": {"max_new_tokens": 8, "batch_size": 8, "mt_bench": {"path": str(tmp_path / "questions.jsonl")},
                      "alpaca_eval": {"path": str(tmp_path / "alpaca.jsonl")}},
     }
@@ -146,6 +148,13 @@ def test_the_whole_recipe_runs_stage_by_stage_through_servers_and_reruns_for_fre
     assert first["messages"][0]["content"].startswith("What should I know about cooking")
     assert first["messages"][1]["content"] == GOOD
     assert d["usage"]["teacher"]["requests"] > 0 and d["usage"]["teacher"]["failures"] == 0
+    # Decontamination: the dialogues that contain an MT-Bench question were dropped before dSFT, counted.
+    dialogues = [json.loads(x) for x in (run_dir / "dialogues" / "dialogues.jsonl").read_text().splitlines()]
+    copies = sum(any("what should i know about trains" in m["content"].lower() for m in r["messages"]) for r in dialogues)
+    checked = manifest(run_dir, "sft")["decontamination"]
+    assert copies > 0 and checked["by_set"] == {"mt_bench": copies, "alpaca_eval": 0} and checked["dropped"] == copies
+    assert manifest(run_dir, "sft")["rows"]["kept"] == len(dialogues) - copies
+    assert manifest(run_dir, "dpo-main")["decontamination"]["checked"]
     # dSFT with LoRA: adapters saved alone, the merged model loads without PEFT.
     assert (run_dir / "sft" / "adapter" / "adapter_model.safetensors").exists()
     AutoModelForCausalLM.from_pretrained(run_dir / "sft" / "model")
