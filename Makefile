@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test ablation smollm2 bench gpu-wheels clean
+.PHONY: demo test test-slow ablation smollm2 bench gpu-wheels clean
 
 # torch goes in first, from its pinned CPU build: anything that pulls torch before it
 # would bring the multi-gigabyte CUDA build.
@@ -37,6 +37,10 @@ bench: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The tests too slow for `make test` (tests marked slow: random kills of a whole recipe).
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m slow
 
 # The packages bench/gpu_check.sh needs beyond a GPU image's torch, as wheels for its Python
 # (3.12, x86-64) at the versions pinned here, into .gpu-wheels/ (carried to the GPU machine).

@@ -136,7 +136,8 @@ class TrainConfig(Strict):
     keep_checkpoints: int = Field(1, ge=1)
     """Most recent checkpoints kept; older ones are deleted once a newer one is complete."""
     log_every: int = Field(10, ge=1)
-    """Write a metrics line every this many steps."""
+    """Write a metrics line every this many steps, and at every checkpoint (so that no line averages
+    steps from before and after a resume)."""
     seed: int = 0
     """Seed of the initial weights and of the data order."""
 

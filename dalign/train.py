@@ -224,7 +224,9 @@ def train(model, rows: Sequence, make_batch: Callable[[list], dict], cfg: TrainC
         window.tokens += sum(int(b["input_ids"].numel()) for b in micro)
         window.units += n_local
         done = step + 1
-        if done % cfg.log_every == 0 or done == plan.total_steps:
+        checkpoint = done % cfg.checkpoint_every == 0 or done == plan.total_steps
+        # A line at every checkpoint too: a line never averages steps from before and after a resume.
+        if done % cfg.log_every == 0 or checkpoint:
             line = {"step": done, **window.reduced(accelerator), "lr": scheduler.get_last_lr()[0],
                     "grad_norm": grad_norm, "epoch": done / plan.steps_per_epoch}
             if accelerator.is_main_process:
@@ -232,7 +234,7 @@ def train(model, rows: Sequence, make_batch: Callable[[list], dict], cfg: TrainC
                     f.write(json.dumps(line) + "\n")
                 bar.set_postfix(loss=f"{line['loss']:.3f}")
             window = Window()
-        if done % cfg.checkpoint_every == 0 or done == plan.total_steps:
+        if checkpoint:
             save_checkpoint(accelerator, ckpt_dir, done, cfg.keep_checkpoints)
     state_dict = accelerator.get_state_dict(model)  # collective: the full weights, on rank 0
     if accelerator.is_main_process and export is not None:
