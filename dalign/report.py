@@ -149,9 +149,27 @@ def write_report(runs: list[Path], out: Path) -> Path:
         p = r["provenance"]
         md.append(f"| {r['run']} | {r['model']} | {p['recipe']} | {p['code']} | {p['global_batch'] or '-'} | "
                   f"{json.dumps(p['rows']) if p['rows'] else '-'} |")
+    md += ["", "## Decontamination", "", *(line for run in runs for line in decontamination_lines(run))]
     (out / "report.md").write_text("\n".join(md) + "\n")
     (out / "report.html").write_text(_html(md, out))
     return out / "report.md"
+
+
+def decontamination_lines(run: Path) -> list[str]:
+    """What each training stage's rows were checked against and how many were dropped, by set."""
+    lines = []
+    for manifest in sorted(run.glob("*/manifest.json")):
+        checked = (_read(manifest) or {}).get("decontamination")
+        if checked is None:
+            continue
+        stage = manifest.parent.name
+        if not checked["checked"]:
+            lines.append(f"**{run.name}/{stage}**: not checked ({checked['reason']}).")
+            continue
+        sets = ", ".join(f"{name} {n}" for name, n in checked["by_set"].items())
+        lines.append(f"**{run.name}/{stage}**: {checked['dropped']} of {checked['rows']} training rows dropped for "
+                     f"sharing a {checked['n']}-word run with an evaluation set ({sets}).")
+    return lines
 
 
 def _html(md: list[str], out: Path) -> str:

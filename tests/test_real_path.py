@@ -155,6 +155,9 @@ def test_the_whole_recipe_runs_stage_by_stage_through_servers_and_reruns_for_fre
     assert copies > 0 and checked["by_set"] == {"mt_bench": copies, "alpaca_eval": 0} and checked["dropped"] == copies
     assert manifest(run_dir, "sft")["rows"]["kept"] == len(dialogues) - copies
     assert manifest(run_dir, "dpo-main")["decontamination"]["checked"]
+    from dalign.report import decontamination_lines
+    assert f"**run/sft**: {copies} of {len(dialogues)} training rows dropped for sharing a 13-word run with an " \
+           f"evaluation set (mt_bench {copies}, alpaca_eval 0)." in decontamination_lines(run_dir)
     # dSFT with LoRA: adapters saved alone, the merged model loads without PEFT.
     assert (run_dir / "sft" / "adapter" / "adapter_model.safetensors").exists()
     AutoModelForCausalLM.from_pretrained(run_dir / "sft" / "model")
