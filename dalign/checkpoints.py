@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 
@@ -69,12 +70,28 @@ def weights_only_loads():
     planted in a checkpoint folder cannot run anything. Needed because accelerate unpickles the
     objects registered for checkpointing (the schedule) with weights_only=False, and DeepSpeed
     its partitions likewise; torch's own switch overrides both."""
+    import torch
+
     old = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
     try:
-        yield
+        with torch.serialization.safe_globals(_deepspeed_state_classes()):
+            yield
     finally:
         if old is None:
             del os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"]
         else:
             os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = old
+
+
+def _deepspeed_state_classes() -> list:
+    """The classes DeepSpeed pickles into its optimizer partitions (the loss scaler, the ZeRO stage,
+    ZeRO-2's fragment addresses: plain data). Allowed by name, which lets the weights-only unpickler
+    rebuild instances of them and still refuse every other global, and code."""
+    if "deepspeed" not in sys.modules:  # not a DeepSpeed run: nothing to allow
+        return []
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
