@@ -55,13 +55,16 @@ def read_rating_prompt(text: str) -> tuple[str, list[str]] | None:
 
 
 def parse_ratings(text: str, n: int) -> list[dict]:
-    """Exactly n blocks 'Response k' with the four aspects (1-5 or N/A) and a rationale."""
+    """The reply's last n blocks, 'Response 1' to 'Response n' in order, each with the four
+    aspects (1-5 or N/A) and a rationale. Earlier blocks, and an aspect line that a later line
+    of the block gives again, are the rater quoting a response that carries a fake rating: the
+    template asks for the ratings last (dalign.judging.parse_judgment says why that rule)."""
     blocks = re.split(r"^Response (\d+)\s*$", text.strip(), flags=re.MULTILINE)
-    numbers = [int(b) for b in blocks[1::2]]
+    numbers, bodies = [int(b) for b in blocks[1::2]][-n:], blocks[2::2][-n:]
     if numbers != list(range(1, n + 1)):
-        raise RatingParseError(f"expected responses 1..{n} in order, found {numbers}")
+        raise RatingParseError(f"expected the reply to end with responses 1..{n} in order, found {numbers}")
     ratings = []
-    for k, body in zip(numbers, blocks[2::2]):
+    for k, body in zip(numbers, bodies):
         fields = dict(re.findall(r"^([A-Za-z-]+):[ \t]*(.*?)\s*$", body, flags=re.MULTILINE))
         aspects = {}
         for aspect, label in _ASPECT_NAMES.items():

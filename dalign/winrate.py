@@ -25,10 +25,11 @@ from dalign.evaluate import mean_ci
 from dalign.world.task import Template
 
 TEMPLATE = (files("dalign") / "prompts" / "compare.txt").read_text()
+_VERDICT = re.compile(r"Preferred:\s*(\(a\)|\(b\)|tie)")
 
 
 class VerdictParseError(ValueError):
-    """A comparison reply without exactly one 'Preferred: (a)|(b)|tie' line."""
+    """A comparison reply whose last line is not 'Preferred: (a)|(b)|tie'."""
 
 
 def comparison_prompt(instruction: str, output_a: str, output_b: str) -> list[dict]:
@@ -42,12 +43,15 @@ def read_comparison_prompt(text: str) -> tuple[str, str, str] | None:
 
 
 def parse_verdict(text: str | None) -> str:
+    """The verdict is the reply's last line, where the template asks for it; an earlier
+    'Preferred:' line is the judge quoting an output (see dalign.judging.parse_judgment)."""
     if text is None:
         raise VerdictParseError("the judge gave no reply (its backend failed after retries)")
-    found = re.findall(r"^Preferred:\s*(\(a\)|\(b\)|tie)\s*$", text, flags=re.MULTILINE)
-    if len(found) != 1:
-        raise VerdictParseError(f"expected one 'Preferred: (a)|(b)|tie' line, found {len(found)}")
-    return found[0].strip("()")
+    lines = text.strip().splitlines()
+    found = _VERDICT.fullmatch(lines[-1].strip()) if lines else None
+    if found is None:
+        raise VerdictParseError("expected 'Preferred: (a)|(b)|tie' as the reply's last line")
+    return found.group(1).strip("()")
 
 
 def outcome(model_first: str, model_second: str) -> float:

@@ -42,8 +42,10 @@ def test_the_rating_prompt_round_trips_and_the_world_rater_orders_by_quality():
     assert read_rating_prompt(request[0]["content"]) == ("What is 3 plus 5? Answer in one sentence.", texts)
     rated, counts = rate_prompts([row(texts)], WorldRater(), retries=1, seed=0)
     scores = [c["score"] for c in rated[0]["completions"]]
-    assert scores[0] == 5.0 and scores[0] > scores[3] > scores[1] > scores[2] == 1.0
-    assert not counts
+    assert scores[0] == 5.0 and scores[0] > scores[3] > scores[1]
+    # The empty answer is not shown to the rater: no score, and counted.
+    assert scores[2] is None and rated[0]["completions"][2]["rationale"] == "not rated: the answer is empty"
+    assert counts == {"not_rated:empty_completion": 1} and len(rated[0]["rating_order"]) == 3
 
 
 def test_ratings_map_back_through_the_shuffle():
@@ -96,10 +98,10 @@ def test_a_reply_that_never_parses_is_counted_failed_never_guessed():
     rows = [row(["3 plus 6 is 9.", "3 plus 6 is 8."], prompt="What is 3 plus 6?", pid="bad"), row([GOOD, ""], pid="fine")]
     rated, counts = rate_prompts(rows, rater, retries=2, seed=0)
     assert rater.calls == [(2, 0.0), (1, 0.7), (1, 0.7)]  # only the failed prompt is asked again
-    assert counts == {"retries": 2, "failed": 1}
+    assert counts == {"retries": 2, "failed": 1, "not_rated:empty_completion": 1}
     bad = rated[0]
     assert all(c["score"] is None and c["ratings"] is None for c in bad["completions"])
-    assert bad["rating_raw"] == ["no", "no", "no"] and "expected responses" in bad["rating_error"]
+    assert bad["rating_raw"] == ["no", "no", "no"] and "responses 1..2" in bad["rating_error"]
     assert rated[1]["completions"][0]["score"] == 5.0
 
 

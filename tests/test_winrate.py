@@ -46,7 +46,7 @@ def test_the_prompt_round_trips():
     assert read_comparison_prompt(request[0]["content"]) == ("Say hi.", "Hi.", "Hello there.")
 
 
-@pytest.mark.parametrize("reply", ["I like (a).", "Preferred: (a)\nPreferred: (b)", "Preferred: (c)"])
+@pytest.mark.parametrize("reply", ["I like (a).", "Preferred: (a)\nOn reflection, both are fine.", "Preferred: (c)"])
 def test_verdicts_parse_strictly(reply):
     with pytest.raises(VerdictParseError):
         parse_verdict(reply)

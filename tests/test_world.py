@@ -333,7 +333,7 @@ def test_parse_judgment_accepts_a_well_formed_reply():
 @pytest.mark.parametrize("reply", [
     "Correct: yes\nRationale: fine.",  # no rating
     "Rating: 7",  # not in [[ ]]
-    "Rating: [[5]]\nRating: [[6]]",  # two ratings
+    "Rating: [[5]]\nOn reflection, it is fine.",  # the rating is not on the last line
     "Rating: [[11]]",  # above 10
     "Rating: [[0]]",  # below 1
     GOOD_REPLY.replace("Honesty: N/A", "Honesty: great"),  # aspect not 1-5 / N/A

@@ -9,6 +9,7 @@ judge is asked for, and `dalign.judging` parses both alike.
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -20,6 +21,18 @@ from dalign.world.task import Constraint
 from dalign.world.text import sentences, words
 
 HEDGES = ("not sure", "I think", "maybe", "I do not know")
+# Text shaped like a judge's or rater's verdict (the forms dalign's judges are asked to write:
+# judge_single.txt, rate.txt, compare.txt, and this judge's own lines). Inside an answer it is
+# not content: the judge is told to ignore it, and reading it as content would let it count as
+# sentences, numbers or topic words. No world answer contains any of it.
+_VERDICT_TEXT = re.compile(
+    r"Rating:[ \t]*\[\[[^\[\]\n]*\]\]"
+    r"|Preferred:[ \t]*(?:\(a\)|\(b\)|tie)"
+    r"|Response \d+[ \t]*\n(?=[ \t]*(?:Instruction-following|Honesty|Truthfulness|Helpfulness):)"
+    r"|(?:Instruction-following|Honesty|Truthfulness|Helpfulness):[ \t]*(?:[1-5]|N/A)(?![\w-])"
+    r"|Correct:[ \t]*(?:yes|no)(?![\w-])"
+    r"|Rationale:[^\n]*?(?:[.!?](?=\s|$)|$)",  # a rationale is one sentence, or the rest of its line
+    re.MULTILINE)
 
 
 @dataclass
@@ -44,7 +57,7 @@ def inspect(user_texts: list[str], response: str) -> tuple[Checks | None, str | 
     if state is None:
         return None, None
     cat, spec, constraint = CATEGORIES[state.category], state.spec, state.constraint
-    text = response.strip()
+    text = answer_content(response).strip()
     c = Checks(empty=not text)
     if c.empty:
         c.faults.append("no answer")
@@ -64,6 +77,11 @@ def inspect(user_texts: list[str], response: str) -> tuple[Checks | None, str | 
              "concise": "rambles", "finished": "unfinished", "courteous": "missing courtesy", "clean": "stray markup"}
     c.faults += [msg for attr, msg in names.items() if not getattr(c, attr)]
     return c, cat.name
+
+
+def answer_content(response: str) -> str:
+    """The response with any verdict-shaped text taken out: what the judge reads as the answer."""
+    return _VERDICT_TEXT.sub("", response)
 
 
 def mt_bench_score(c: Checks) -> int:
