@@ -135,6 +135,10 @@ class TrainConfig(Strict):
     """Save a resumable checkpoint every this many steps (and at the end)."""
     keep_checkpoints: int = Field(1, ge=1)
     """Most recent checkpoints kept; older ones are deleted once a newer one is complete."""
+    skip_non_finite: bool = False
+    """A step whose loss or gradient is NaN or infinite: False stops the stage with an error naming
+    the step and its rows (the last good checkpoint stays); True skips it (no update, no schedule
+    step), logs it in metrics.jsonl and counts it in the manifest (skipped_steps). Not under DeepSpeed."""
     log_every: int = Field(10, ge=1)
     """Write a metrics line every this many steps, and at every checkpoint (so that no line averages
     steps from before and after a resume)."""

@@ -167,6 +167,9 @@ def train(model, rows: Sequence, make_batch: Callable[[list], dict], cfg: TrainC
                          "some process would have nothing to train on")
     accelerator, engine = parallel.build_accelerator(cfg.mixed_precision, sizes.accumulation, cfg.max_grad_norm,
                                                      sizes.per_device)
+    if cfg.skip_non_finite and engine.deepspeed:
+        raise parallel.LaunchError(f"{desc}.skip_non_finite: DeepSpeed's engine takes its step inside the "
+                                   "backward, so a step cannot be skipped after it; leave it false under DeepSpeed")
     plan = Plan(rows, cfg, sizes.processes, accelerator.process_index)
     warmup = int(cfg.warmup_ratio * plan.total_steps)
     if cfg.activation_checkpointing:
@@ -200,7 +203,7 @@ def train(model, rows: Sequence, make_batch: Callable[[list], dict], cfg: TrainC
         # each unit weighs the same however the step is split into micro-batches and processes.
         n_local = sum(objective.count(b) for b in micro)
         n_total = int(accelerator.reduce(torch.tensor(n_local, device=accelerator.device), reduction="sum"))
-        non_finite = []  # this process's micro-batches whose loss is NaN or infinite
+        non_finite, losses = [], []  # this process's micro-batches whose loss is NaN or infinite; every loss
         for i, batch in enumerate(micro):
             last = i == len(micro) - 1
             # Gradients are reduced (and DeepSpeed's engine steps) after the step's last micro-batch only.
@@ -212,21 +215,34 @@ def train(model, rows: Sequence, make_batch: Callable[[list], dict], cfg: TrainC
                 # The engines average gradients over processes and divide the loss by the
                 # accumulation: multiply both back so the step's gradient is a mean per unit.
                 accelerator.backward(loss_sum * sizes.processes * sizes.accumulation / max(1, n_total))
-            window.add(loss_sum.item(), metrics)
+            losses.append((loss_sum.item(), metrics))
         grad_norm = parallel.clip_gradients(accelerator, engine, trainable, cfg.max_grad_norm)
-        # Before the step can be checkpointed: the last good checkpoint stays the one to resume from.
-        check_finite(accelerator, step + 1, non_finite, plan.micro_indices(step), grad_norm,
-                     scaled=cfg.mixed_precision == "fp16", where=ckpt_dir, desc=desc)
-        optimizer.step()
-        if not optimizer.step_was_skipped:  # fp16 overflow: the step did not happen, nor does the schedule's
-            scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        window.tokens += sum(int(b["input_ids"].numel()) for b in micro)
-        window.units += n_local
         done = step + 1
+        # Before the step can be checkpointed: the last good checkpoint stays the one to resume from.
+        fault = non_finite_fault(accelerator, done, non_finite, plan.micro_indices(step), grad_norm,
+                                 scaled=cfg.mixed_precision == "fp16")
+        if fault is not None and not cfg.skip_non_finite:
+            last = latest_checkpoint(ckpt_dir)
+            raise NonFiniteError(f"{desc}: {fault}; nothing of this step was saved. "
+                                 + (f"The last good checkpoint is {last}: a rerun resumes from it" if last else
+                                    "No checkpoint yet: a rerun starts over")
+                                 + " (lower the learning rate, or drop the rows named, first; or set skip_non_finite)")
+        if fault is None:
+            optimizer.step()
+            if not optimizer.step_was_skipped:  # fp16 overflow: the step did not happen, nor does the schedule's
+                scheduler.step()
+            for loss, metrics in losses:
+                window.add(loss, metrics)
+            window.tokens += sum(int(b["input_ids"].numel()) for b in micro)
+            window.units += n_local
+            window.steps += 1
+        elif accelerator.is_main_process:  # skipped: no update, no schedule step, its own line in the log
+            with log_path.open("a") as f:
+                f.write(json.dumps({"step": done, "skipped": fault}) + "\n")
+        optimizer.zero_grad(set_to_none=True)
         checkpoint = done % cfg.checkpoint_every == 0 or done == plan.total_steps
         # A line at every checkpoint too: a line never averages steps from before and after a resume.
-        if done % cfg.log_every == 0 or checkpoint:
+        if (done % cfg.log_every == 0 or checkpoint) and window.steps:  # the same on every process
             line = {"step": done, **window.reduced(accelerator), "lr": scheduler.get_last_lr()[0],
                     "grad_norm": grad_norm, "epoch": done / plan.steps_per_epoch}
             if accelerator.is_main_process:
@@ -241,7 +257,9 @@ def train(model, rows: Sequence, make_batch: Callable[[list], dict], cfg: TrainC
         export(accelerator.unwrap_model(model), state_dict)
     accelerator.wait_for_everyone()
     parallel.end_training(accelerator)
-    return {"steps": plan.total_steps, **sizes.as_dict(), "engine": engine.value,
+    skipped = sum("skipped" in json.loads(line) for line in log_path.read_text().splitlines()) \
+        if accelerator.is_main_process else 0
+    return {"steps": plan.total_steps, **sizes.as_dict(), "engine": engine.value, "skipped_steps": skipped,
             "mixed_precision": cfg.mixed_precision, "activation_checkpointing": cfg.activation_checkpointing,
             "rows": len(rows), "steps_per_epoch": plan.steps_per_epoch, "resumed_from_step": start}
 
@@ -250,25 +268,22 @@ class NonFiniteError(RuntimeError):
     """A training step's loss or gradient is NaN or infinite."""
 
 
-def check_finite(accelerator, step: int, non_finite: list[int], micro_indices: list[list[int]], grad_norm: float,
-                 scaled: bool, where: Path, desc: str) -> None:
-    """Stop every process together when any process saw a non-finite loss, or the gradient norm
-    (the same on every process) is not finite. Under fp16 an infinite gradient is the loss
-    scaler's to handle (it skips the step and lowers the scale), so only the loss counts."""
+def non_finite_fault(accelerator, step: int, non_finite: list[int], micro_indices: list[list[int]],
+                     grad_norm: float, scaled: bool) -> str | None:
+    """What is not finite in this step, the same answer on every process (so all stop, or all
+    skip, together): any process's loss, or the gradient norm (the same on every process). Under
+    fp16 an infinite gradient is the loss scaler's to handle (it skips the step and lowers the
+    scale), so only the loss counts."""
     bad_grad = not scaled and not math.isfinite(grad_norm)
     flags = accelerator.reduce(torch.tensor([float(bool(non_finite)), float(bad_grad)], device=accelerator.device),
                                reduction="sum")
     if not bool(flags.any()):
-        return
+        return None
     rows = sorted(i for m in non_finite for i in micro_indices[m])
     what = (f"the loss is not finite in micro-batch(es) {non_finite} (training rows {rows}, 0-based positions in "
             "this stage's rows)" if non_finite else "the loss is not finite on another process" if flags[0] else
             f"the gradient norm is {grad_norm}")
-    last = latest_checkpoint(where)
-    raise NonFiniteError(f"{desc}: step {step}: {what}; nothing of this step was saved. "
-                         + (f"The last good checkpoint is {last}: a rerun resumes from it" if last else
-                            "No checkpoint yet: a rerun starts over") +
-                         " (lower the learning rate, or drop the rows named, first)")
+    return f"step {step}: {what}"
 
 
 class Window:
@@ -277,6 +292,7 @@ class Window:
 
     def __init__(self):
         self.loss, self.units, self.tokens, self.metrics, self.started = 0.0, 0, 0, {}, time.perf_counter()
+        self.steps = 0  # optimizer steps taken (skipped ones are not)
 
     def add(self, loss: float, metrics: dict[str, float]) -> None:
         self.loss += loss

@@ -64,3 +64,38 @@ def test_a_non_finite_step_stops_naming_it_and_the_last_good_checkpoint_resumes(
     resumed = tiny_model(world_tokenizer)
     assert train(resumed, rows, make, cfg, tmp_path / "run")["resumed_from_step"] == 2
     assert all(torch.equal(v, state(straight)[k]) for k, v in state(resumed).items())
+
+
+class PoisonedOnce(Poisoned):
+    """Poisoned on call `at` only: one bad step, the rest good."""
+
+    def loss(self, model, batch):
+        loss, metrics = TokenObjective.loss(self, model, batch)
+        self.calls += 1
+        return (loss * float("nan") if self.calls == self.at else loss), metrics
+
+
+def test_skip_non_finite_skips_the_step_logs_and_counts_it(world_tokenizer, tmp_path):
+    examples = dialogue_examples(world_dialogues(8), world_tokenizer, 128, Counter())
+    rows = [[e] for e in examples]
+    make = partial(collate, pad_id=world_tokenizer.pad_token_id)
+    cfg = TrainConfig(max_steps=4, per_device_batch_size=2, gradient_accumulation=2, checkpoint_every=1, log_every=1,
+                      skip_non_finite=True)
+    model = tiny_model(world_tokenizer)
+    before = state(model)
+    # Call 5 is step 3's first micro-batch.
+    summary = train(model, rows, make, cfg, tmp_path / "run", objective=PoisonedOnce(5, "loss"))
+    assert summary["skipped_steps"] == 1
+    lines = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [m["step"] for m in lines] == [1, 2, 3, 4] and list(lines[2]) == ["step", "skipped"]
+    assert "step 3: the loss is not finite" in lines[2]["skipped"]
+    after = state(model)
+    assert all(torch.isfinite(v).all() for v in after.values()) and any(not torch.equal(before[k], after[k]) for k in after)
+    # The skipped step took no schedule step either: the learning rate after step 4 is the one after step 3 of a run
+    # that never met the bad step.
+    assert lines[3]["lr"] == read_metrics_lr_after(world_tokenizer, rows, make, cfg, tmp_path, steps=3)
+
+
+def read_metrics_lr_after(tokenizer, rows, make, cfg, tmp_path, steps: int) -> float:
+    train(tiny_model(tokenizer), rows, make, cfg, tmp_path / "clean")
+    return read_metrics(tmp_path / "clean" / "metrics.jsonl")[steps - 1]["lr"]
