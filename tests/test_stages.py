@@ -265,11 +265,12 @@ def _digest(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _weights_digest(folder: Path) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in sorted(load_file(folder / "model.safetensors").items()):
-        digest.update(name.encode() + tensor.contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
+def weights_summary(folder: Path) -> tuple[float, float]:
+    """Sum and sum of squares of a model's weights, in float64. Not a digest of the bytes: the
+    last bits of trained weights depend on the CPU's kernels (a new machine, at 5f5613f, gave
+    other bytes and the same rows, answers and scores), so weights are pinned to a tolerance."""
+    tensors = load_file(folder / "model.safetensors").values()
+    return (float(sum(t.double().sum() for t in tensors)), float(sum(t.double().pow(2).sum() for t in tensors)))
 
 
 def pinned_outputs(run_dir: Path) -> dict:
@@ -278,8 +279,6 @@ def pinned_outputs(run_dir: Path) -> dict:
     found = {f"{stage}/{name}": _digest(read_rows(run_dir / stage / name)) for stage, name in (
         ("dialogues", "dialogues.jsonl"), ("completions", "completions.jsonl"), ("ratings", "ratings.jsonl"),
         ("pairs", "train.jsonl"), ("pairs", "test.jsonl"))}
-    found.update({f"{stage}/model": _weights_digest(run_dir / stage / "model")
-                  for stage in ("base", "sft", "dpo-main", "dpo-nosft")})
     for label in ("base", "sft", "dpo-main", "dpo-nosft"):
         graded = json.loads((run_dir / "evaluate" / f"{label}.json").read_text())
         found[f"evaluate/{label}"] = {k: graded[k] for k in ("score", "first_turn_correct", "greedy_accuracy",
@@ -300,10 +299,6 @@ PINNED = {
     'ratings/ratings.jsonl': '060c3700143095ba',
     'pairs/train.jsonl': '527bedb9d003ecfd',
     'pairs/test.jsonl': '92f2f9f1f1f7580e',
-    'base/model': '8e92faefc2e79bbd',
-    'sft/model': 'e5bb8bf65a2440c3',
-    'dpo-main/model': '7baf54c9862cdcad',
-    'dpo-nosft/model': '8356de68466f9989',
     'evaluate/base': {'score': 1.0, 'first_turn_correct': 0.0, 'greedy_accuracy': 0.0, 'pass_at_k': 0.0},
     'evaluate/base/answers': '0b73e8f566d32343',
     'evaluate/base/judgments': 'd423059ba14dab84',
@@ -326,8 +321,17 @@ PINNED = {
 }
 
 
+# Measured on a machine whose weight bytes differ from the first pin's (see weights_summary), the
+# same at 5f5613f (the last commit the byte digests held for, on the machine before) and a83514c.
+PINNED_WEIGHTS = {"base": (88.2823201962783, 109.94987108924192), "sft": (88.00424913766619, 112.45640356523779),
+                  "dpo-main": (87.9904366777464, 112.5410384908509), "dpo-nosft": (88.10401860940692, 110.00393230166983)}
+
+
 def test_the_micro_recipe_gives_the_pinned_outputs(micro_run):
-    """Pinned from the two-pipeline code (commit 2309315) before the one-pipeline refactor."""
+    """Rows, answers, judgments and scores pinned from the two-pipeline code (commit 2309315)
+    before the one-pipeline refactor; the weights to a relative 1e-4 (weights_summary)."""
     _, run_dir, code, _, err = micro_run
     assert code == 0, err
     assert pinned_outputs(run_dir) == PINNED
+    for stage, pinned in PINNED_WEIGHTS.items():
+        assert weights_summary(run_dir / stage / "model") == pytest.approx(pinned, rel=1e-4), stage
