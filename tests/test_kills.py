@@ -184,8 +184,10 @@ def test_a_killed_and_rerun_recipe_gives_the_straight_runs_outputs(runs):
         assert content(a[name], straight) == content(b[name], killed), name
 
 
-def test_no_row_or_training_step_appears_twice(runs):
-    _, killed, _, _ = runs
+def test_no_row_or_training_step_appears_twice_and_no_temp_file_is_left(runs):
+    _, killed, _, kills = runs
+    assert any(k["left"] for k in kills)  # the kills left half-written files; the reruns cleared them
+    assert not [p for p in killed.rglob("*") if p.name.endswith(".tmp")]
     for name, key in ROW_IDS.items():
         ids = [json.loads(line)[key] for line in (killed / name).read_text().splitlines()]
         assert ids and len(ids) == len(set(ids)), name
