@@ -35,9 +35,6 @@ def in_parts(n_items: int, chunk_size: int, folder: Path,
             stats.write_text(json.dumps(chunk_dropped))
             write_rows(part, chunk_rows)
     barrier()
-    if rank == 0:  # every part is written: a temp file still here was left by a killed run's write
-        for stale in parts.glob(".part-*.tmp"):
-            stale.unlink(missing_ok=True)
     rows, dropped = [], Counter()
     for part, stats, _ in files:
         rows += read_rows(part)

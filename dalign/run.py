@@ -125,6 +125,11 @@ def run_stage(recipe: RecipeConfig, name: str, stages: dict | None = None) -> di
         inputs[needed] = upstream.dir
     if main:
         stage.start()
+        # Temp files a killed run's atomic writes left behind (rows, parts, manifests): no process
+        # of this run writes yet, the others wait at the barrier below.
+        for stale in stage.dir.rglob(".*.tmp"):
+            if stale.is_file():
+                stale.unlink()
         print(f"[{name}] running in {stage.dir}")
     barrier()
     with serving.stage_servers():  # a server a role of this stage asked for lives as long as the stage
