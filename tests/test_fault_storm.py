@@ -11,9 +11,7 @@ retried each fault kind; a rerun with the same cache asks the server only what i
 from __future__ import annotations
 
 import json
-import threading
 import time
-from http.server import ThreadingHTTPServer
 
 import pytest
 
@@ -26,7 +24,7 @@ from dalign.prompted import PromptedJudge, template
 from dalign.rate import rating_prompt, read_rating_prompt, run_rating
 from dalign.winrate import comparison_prompt, read_comparison_prompt, win_rate
 from dalign.world import CATEGORIES
-from test_openai_backend import ScriptedServer, completion, config, make_handler
+from test_openai_backend import ScriptedServer, completion, config, make_handler, serving
 
 # Each new request text gets the next plan of the cycle; the last action repeats forever, so the
 # ["500"] rows are never answered. "ok:3" answers after the client's timeout has passed. A cycle
@@ -87,13 +85,8 @@ def answering_handler(server: StormServer):
 @pytest.fixture
 def server():
     scripted = StormServer()
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), answering_handler(scripted))
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    scripted.url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
-    yield scripted
-    httpd.shutdown()
-    httpd.server_close()
+    with serving(scripted, answering_handler(scripted)):
+        yield scripted
 
 
 # Each stage runs with its role behind `backend`, writing into `out`, and returns one

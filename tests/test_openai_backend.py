@@ -7,6 +7,7 @@ message's text: each request pops the next action, and the last action repeats f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -106,16 +107,25 @@ def completion(text: str) -> dict:
                       "total_tokens": PROMPT_TOKENS + COMPLETION_TOKENS}}
 
 
-@pytest.fixture
-def server():
-    scripted = ScriptedServer()
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(scripted))
+@contextlib.contextmanager
+def serving(scripted: ScriptedServer, handler):
+    """`scripted` served on a free loopback port by `handler` while inside; its url set."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     scripted.url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
-    yield scripted
-    httpd.shutdown()
-    httpd.server_close()
+    try:
+        yield scripted
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    scripted = ScriptedServer()
+    with serving(scripted, make_handler(scripted)):
+        yield scripted
 
 
 def config(url: str, **overrides) -> OpenAIConfig:
