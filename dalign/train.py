@@ -198,7 +198,8 @@ def train(model, rows: Sequence, make_batch: Callable[[list], dict], cfg: TrainC
                disable=not accelerator.is_main_process)
     window = Window()
     for step in bar:
-        micro = [to_device(make_batch(rows), accelerator.device) for rows in plan.micro_batches(step)]
+        parts = plan.micro_indices(step)  # row positions, kept to name the rows of a non-finite step
+        micro = [to_device(make_batch([rows[i] for i in part]), accelerator.device) for part in parts]
         # Normalise by the units (tokens, pairs) of the whole step over every process, so that
         # each unit weighs the same however the step is split into micro-batches and processes.
         n_local = sum(objective.count(b) for b in micro)
@@ -210,16 +211,16 @@ def train(model, rows: Sequence, make_batch: Callable[[list], dict], cfg: TrainC
             accelerator.sync_gradients = last
             with contextlib.nullcontext() if last else accelerator.no_sync(model):
                 loss_sum, metrics = objective.loss(model, batch)
-                if not bool(torch.isfinite(loss_sum.detach()).all()):
-                    non_finite.append(i)
                 # The engines average gradients over processes and divide the loss by the
                 # accumulation: multiply both back so the step's gradient is a mean per unit.
                 accelerator.backward(loss_sum * sizes.processes * sizes.accumulation / max(1, n_total))
-            losses.append((loss_sum.item(), metrics))
+            losses.append((loss_sum.item(), metrics))  # the one sync a micro-batch needs, for the log and the check
+            if not math.isfinite(losses[-1][0]):
+                non_finite.append(i)
         grad_norm = parallel.clip_gradients(accelerator, engine, trainable, cfg.max_grad_norm)
         done = step + 1
         # Before the step can be checkpointed: the last good checkpoint stays the one to resume from.
-        fault = non_finite_fault(accelerator, done, non_finite, plan.micro_indices(step), grad_norm,
+        fault = non_finite_fault(accelerator, done, non_finite, parts, grad_norm,
                                  scaled=cfg.mixed_precision == "fp16")
         if fault is not None and not cfg.skip_non_finite:
             last = latest_checkpoint(ckpt_dir)
