@@ -142,6 +142,12 @@ class TrainConfig(Strict):
     log_every: int = Field(10, ge=1)
     """Write a metrics line every this many steps, and at every checkpoint (so that no line averages
     steps from before and after a resume)."""
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list, exclude=True)
+    """Trackers that also get the numbers of every metrics.jsonl line (dalign.tracking): tensorboard
+    (event files in <stage>/tensorboard/), wandb (a run in <stage>/wandb/, offline unless WANDB_MODE
+    says otherwise); each needs its package (pip install dalign[tracking]). Empty: metrics.jsonl only.
+    Left out of the dumped config, so of the stage's config hash: it changes nothing a stage makes,
+    and turning it on resumes or skips a stage rather than refusing its folder."""
     seed: int = 0
     """Seed of the initial weights and of the data order."""
 
