@@ -6,7 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from dalign import terminal_chat
 from dalign.config import ConfigError
+from dalign.console import quiet_libraries
 from dalign.data import RowError
 from dalign.lock import RunLockError
 from dalign.manifest import StageDirError
@@ -109,9 +111,14 @@ def parser() -> argparse.ArgumentParser:
                                                 "(the evaluation stage: also computes MT-Bench-style scores)"))
     _mc_args(ev.add_parser("mc", help="multiple-choice benchmarks of the Open LLM Leaderboard (ARC-Challenge, "
                                       "HellaSwag, MMLU, TruthfulQA mc2) scored by lm-evaluation-harness"))
+    status = sub.add_parser("status", help="each stage of a run directory: complete, running, interrupted or not "
+                                           "started, with its rows and time")
+    status.add_argument("run_dir", help="a run directory (run_dir of a recipe)")
     rep = sub.add_parser("report", help="Markdown and HTML report of one or more run directories")
     rep.add_argument("runs", nargs="+", help="run directories (each with a completed evaluation)")
     rep.add_argument("--out", help="folder for report.md, report.html and the charts (default: RUN/report)")
+    terminal_chat.add_arguments(sub.add_parser("chat", help="chat in the terminal with a model folder, hub id or "
+                                                            "built-in model, its replies streamed"))
     return top
 
 
@@ -119,6 +126,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if getattr(args, "what", None) == "mc":
         return _evaluate_mc(args)
+    if args.command == "chat":
+        return terminal_chat.chat(args)
+    if args.command == "status":
+        from dalign.status import status_table
+
+        try:
+            print(status_table(args.run_dir))
+        except FileNotFoundError as err:
+            print(f"dalign: error: {err}", file=sys.stderr)
+            return 2
+        return 0
+    quiet_libraries()
     if args.command == "report":
         from dalign.report import write_report  # matplotlib is only needed here
 

@@ -19,6 +19,7 @@ import torch
 
 from dalign.backends import Backend, Sampling
 from dalign.config import EvalConfig
+from dalign.console import Progress
 from dalign.data import read_rows, write_json
 from dalign.parallel import barrier, rank_and_world
 from dalign.judging import JudgeParseError, parse_judgment
@@ -224,6 +225,13 @@ def stage(recipe, out: Path, inputs: dict[str, Path], split: str | None = None) 
     # so every model's answers come out as in one process; a barrier ends each phase.
     rank, world = rank_and_world()
     mine = [label for i, label in enumerate(models) if i % world == rank]
+    split_pairs = inputs["pairs"] / f"{cfg.split}.jsonl"  # the split's pairs (read pairs have no dev split)
+    has_pairs = "reward_accuracy" in parts and split_pairs.exists() and bool(read_rows(split_pairs))  # read once
+    scored = [k for k in models if k.startswith("dpo-") and has_pairs]
+    # One bar over this process's jobs: each model's answers and grades, win rate, reward accuracy, multiple choice.
+    jobs = len(mine) * (("mt_bench" in parts) + 2 * ("win_rate" in parts) + (cfg.mc is not None)) \
+        - ("win_rate" in parts and ref_label in mine) + len([x for x in mine if x in scored])
+    bar = Progress(out.name, jobs, "jobs")
 
     for label in mine:
         model = None  # loaded only for what a rerun has not written yet
@@ -235,11 +243,15 @@ def stage(recipe, out: Path, inputs: dict[str, Path], split: str | None = None) 
             return model
 
         if "mt_bench" in parts:
+            bar.postfix(job=f"{label} MT-Bench")
             _once(out / f"{label}.json",
                   lambda: {**evaluate_mt_bench(get(), judge, questions, cfg, correctness), "generation": get().throughput()})
+            bar.update()
         if "win_rate" in parts:
+            bar.postfix(job=f"{label} answers")
             _once(out / f"answers_{label}.json",
                   lambda: get().generate([[{"role": "user", "content": i}] for i in instructions], greedy))
+            bar.update()
     barrier()
     if "mt_bench" in parts:
         for label in models:
@@ -249,22 +261,26 @@ def stage(recipe, out: Path, inputs: dict[str, Path], split: str | None = None) 
         if reference is None:
             reference = json.loads((out / f"answers_{ref_label}.json").read_text())
         for label in (x for x in mine if x != ref_label):
+            bar.postfix(job=f"{label} win rate")
             answers = json.loads((out / f"answers_{label}.json").read_text())
             _once(out / f"win_rate_{label}_vs_{ref_label}.json", lambda: win_rate(instructions, answers, reference, comparer))
-    split_pairs = inputs["pairs"] / f"{cfg.split}.jsonl"  # the split's pairs (read pairs have no dev split)
-    has_pairs = "reward_accuracy" in parts and split_pairs.exists() and bool(read_rows(split_pairs))  # read once
-    scored = [k for k in models if k.startswith("dpo-") and has_pairs]
+            bar.update()
     for label in (x for x in mine if x in scored):
+        bar.postfix(job=f"{label} reward accuracy")
         start = json.loads((inputs[label] / "manifest.json").read_text())["reference"]
         beta = recipe.dpo_for(next(v for v in recipe.variants if f"dpo-{v.name}" == label)).beta
         _once(out / f"reward_accuracy_{label}.json", lambda: reward_accuracy(
             models[label], start, split_pairs, beta, recipe.dpo.max_length))
+        bar.update()
     if cfg.mc is not None:
         from dalign.mc import MCConfig, run_mc
 
         for label in mine:
+            bar.postfix(job=f"{label} multiple choice")
             if not (out / f"mc_{label}" / "mc.json").exists():
                 run_mc(MCConfig(model=str(models[label]), **cfg.mc), out / f"mc_{label}")
+            bar.update()
+    bar.close()
     barrier()
     for label in models:
         if "win_rate" in parts and label != ref_label:

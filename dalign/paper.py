@@ -14,7 +14,10 @@ import statistics
 from datetime import datetime
 from pathlib import Path
 
-from dalign.report import _html, _metrics, _read, plt
+from dalign.charts import metrics as _metrics
+from dalign.charts import plt
+from dalign.page import to_html
+from dalign.report import _read
 
 PAPER_TABLE1 = [("Zephyr", "7B", "dSFT + dDPO", "7.34", "90.60"), ("Vicuna", "33B", "dSFT", "7.12", "88.99"),
                 ("Llama2-Chat", "70B", "RLHF", "6.86", "92.66"), ("Mistral-Instruct", "7B", "SFT", "6.84", "-")]
@@ -74,9 +77,10 @@ def epoch_means(stage_dir: Path) -> dict[str, list[float]]:
     return {k: [statistics.fmean(m[k] for m in lines) for _, lines in sorted(by_epoch.items())] for k in EPOCH_KEYS}
 
 
-def aggregate(root: Path) -> dict:
-    """Every model's figures over the seeds, the dDPO epochs curve and the wall time of each stage."""
-    runs = seed_runs(root)
+def aggregate(root: Path, runs: list[Path] | None = None) -> dict:
+    """Every model's figures over the seeds' runs (default: root's seed-<s> folders), the dDPO
+    epochs curve and the wall time of each stage."""
+    runs = runs or seed_runs(root)
     evaluations = [_read(run / "evaluate" / "manifest.json") for run in runs]
     labels = list(evaluations[0]["results"])
     models = {}
@@ -99,7 +103,10 @@ def aggregate(root: Path) -> dict:
     shared = sorted(p.name for p in root.iterdir() if (p / "manifest.json").exists())
     seconds = {s: sum(filter(None, (_seconds(_read(run / s / "manifest.json")) for run in runs))) for s in stages}
     seconds.update({s: _seconds(_read(root / s / "manifest.json")) for s in shared})
-    return {"seeds": [int(r.name.split("-", 1)[1]) for r in runs], "models": models,
+    seeds = [(_read(run / "evaluate" / "manifest.json") or {}).get("config", {}).get("evaluate", {}).get("seed")
+             for run in runs]
+    return {"seeds": [int(r.name.split("-", 1)[1]) if r.name.startswith("seed-") else s for r, s in zip(runs, seeds)],
+            "models": models,
             "curve": sorted(curve, key=lambda c: c["epochs"]), "seconds": seconds, "questions": evaluations[0]["rows"]}
 
 
@@ -115,7 +122,7 @@ def cell(s: dict | None, pct: bool = False, ci: dict | None = None) -> str:
     if s is None:
         return "-"
     f = (lambda x: f"{x:.1%}") if pct else (lambda x: f"{x:.2f}")
-    text = f"{f(s['mean'])} ± {f(s['sd'])} [{f(s['min'])}-{f(s['max'])}]"
+    text = f"{f(s['mean'])} ± {f(s['sd'])} [{f(s['min'])}-{f(s['max'])}]" if s["n"] > 1 else f(s["mean"])
     return text + (f" (run ±{f(ci['mean'])})" if ci else "")
 
 
@@ -169,10 +176,13 @@ def table1(agg: dict, out: Path) -> list[str]:
 
 
 def table2(agg: dict, out: Path) -> list[str]:
-    md = ["## Table 2: knowledge kept", "", f"Paper: {PAPER_TABLE2}.", "",
-          "| miniature model | world-facts acc. (120 atlas questions, 4 choices, log-likelihood) |", "|---|---|"]
-    return md + [f"| {label} | {cell(_fig(agg, label, 'knowledge'), True)} |" for label in agg["models"]
-                 if _fig(agg, label, "knowledge")]
+    md = ["## Table 2: knowledge kept", "", f"Paper: {PAPER_TABLE2}."]
+    rows = [f"| {label} | {cell(_fig(agg, label, 'knowledge'), True)} |" for label in agg["models"]
+            if _fig(agg, label, "knowledge")]
+    if not rows:
+        return md + ["", "No knowledge benchmark in this run (evaluate.mc: {tasks: [world_facts]} adds one)."]
+    return md + ["", "| miniature model | world-facts acc. (120 atlas questions, 4 choices, log-likelihood) |",
+                 "|---|---|", *rows]
 
 
 def table3(agg: dict, out: Path) -> list[str]:
@@ -220,6 +230,17 @@ def wall_time(agg: dict, out: Path) -> list[str]:
     return md + [f"| all | {sum(v for v in agg['seconds'].values() if v is not None):.0f} |"]
 
 
+def paper_lines(run: Path, out: Path) -> list[str]:
+    """The paper's Tables 1-3 beside one run's rows (a recipe without seeds)."""
+    agg = aggregate(run, [run])
+    md = ["## Beside the paper", "", "The paper's figures (Zephyr-7B; MT-Bench 1-10 by GPT-4, AlpacaEval win rate "
+          "against text-davinci-003) beside this run's miniature ones (the world's judge; win rate against this run's "
+          "dSFT model). One run: no spread over seeds (`make ablation` gives one)."]
+    for section in (table1, table2, table3):
+        md += ["", *[line.replace("## ", "### ", 1) if line.startswith("## ") else line for line in section(agg, out)]]
+    return md
+
+
 def write_paper_report(root: Path, out: Path | None = None) -> Path:
     """Markdown and HTML: Tables 1-3 and Figure 3 beside the miniature's rows, with the seeds' spread."""
     agg, out = aggregate(root), out or root / "report"
@@ -230,8 +251,16 @@ def write_paper_report(root: Path, out: Path | None = None) -> Path:
     for section in (all_models, table1, table2, table3, epochs_section, per_category, wall_time):
         if lines := section(agg, out):
             md += ["", *lines]
+    from dalign.report import example_lines, feedback_lines, provenance_lines, training_lines
+
+    first = seed_runs(root)[0]  # a seed's data, answers and provenance stand for the others'
+    for lines in (training_lines(seed_runs(root), out), feedback_lines([first], out), example_lines(first, 1),
+                  provenance_lines(first)):
+        if lines:
+            md += ["", *([lines[0], "", f"Seed {first.name.split('-', 1)[1]}'s run."] + lines[1:]
+                         if lines[0].startswith("## ") else lines)]
     (out / "report.md").write_text("\n".join(md) + "\n")
-    (out / "report.html").write_text(_html(md, out))
+    (out / "report.html").write_text(to_html(md, out, title=f"dalign: the paper's tables in miniature ({root.name})"))
     figures = {k: {"figures": m["figures"], "parameters": m["parameters"]} for k, m in agg["models"].items()}
     (out / "aggregate.json").write_text(json.dumps({**agg, "models": figures}, indent=1))
     return out / "report.md"

@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable
 
+from dalign.console import Progress
 from dalign.data import read_rows, write_rows
 from dalign.parallel import barrier, rank_and_world
 
@@ -29,11 +30,16 @@ def in_parts(n_items: int, chunk_size: int, folder: Path,
     parts.mkdir(parents=True, exist_ok=True)
     files = [(parts / f"part-{k:05d}.jsonl", parts / f"part-{k:05d}.stats.json", start)
              for k, start in enumerate(range(0, n_items, chunk_size))]
-    for k, (part, stats, start) in enumerate(files):
-        if k % world == rank and not (part.exists() and stats.exists()):  # the part file, written last, marks it done
-            chunk_rows, chunk_dropped = make_chunk(start, min(n_items, start + chunk_size))
+    mine = [(part, stats, start) for k, (part, stats, start) in enumerate(files) if k % world == rank]
+    size = lambda start: min(n_items, start + chunk_size) - start  # noqa: E731
+    todo = [(part, stats, start) for part, stats, start in mine if not (part.exists() and stats.exists())]
+    total = sum(size(start) for *_, start in mine)  # the bar counts this process's share of the items
+    with Progress(folder.name, total, "rows", initial=total - sum(size(start) for *_, start in todo)) as bar:
+        for part, stats, start in todo:  # the part file, written last, marks a chunk done
+            chunk_rows, chunk_dropped = make_chunk(start, start + size(start))
             stats.write_text(json.dumps(chunk_dropped))
             write_rows(part, chunk_rows)
+            bar.update(size(start))
     barrier()
     rows, dropped = [], Counter()
     for part, stats, _ in files:

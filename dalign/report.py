@@ -1,23 +1,22 @@
-"""`dalign report RUN...`: the paper's tables in miniature, as Markdown and HTML.
+"""`dalign report RUN...`: the paper's tables in miniature, as Markdown and as one HTML page.
 
-For each run directory: a table in the shape of the paper's Tables 1 and 3 (model,
-alignment, MT-Bench-style score with its interval, win rate against dSFT with its interval,
-DPO reward accuracy), per-category scores as a radar chart, training curves (loss, reward
-margin), the data facts DPO depends on, and the provenance of every row.
+For each run directory: every model's figures (MT-Bench-style score with its interval, win
+rate against the reference, reward accuracy, knowledge); for one run, the paper's Tables 1-3
+beside its rows; per-category scores (table and radar chart); training curves; the AI-feedback
+data (which ensemble member's answers were chosen and rejected, their scores); example answers
+with the judge's score and rationale; and the provenance of every stage, as sentences.
 """
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
+from dalign import charts
+from dalign.console import duration, manifest_seconds, rows_text
+from dalign.page import to_html
 
 
 def _read(path: Path):
@@ -80,50 +79,8 @@ def _score(row: dict) -> str:
     return "-" if row["score"] is None else f"{row['score']:.2f} ± {row['ci95']:.2f}"
 
 
-def radar(rows: list[dict], path: Path) -> None:
-    cats = list(rows[0]["categories"])
-    angles = [2 * math.pi * i / len(cats) for i in range(len(cats))] + [0.0]
-    fig = plt.figure(figsize=(6, 6))
-    ax = fig.add_subplot(111, polar=True)
-    for row in rows:
-        values = [row["categories"][c] for c in cats]
-        ax.plot(angles, values + values[:1], label=f"{row['run']}/{row['model']}")
-    ax.set_xticks(angles[:-1], cats)
-    ax.set_ylim(0, 10)
-    ax.legend(loc="lower right", fontsize=7, bbox_to_anchor=(1.3, -0.1))
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-
-
-def curves(runs: list[Path], path: Path) -> None:
-    fig, (sft_ax, loss_ax, margin_ax) = plt.subplots(1, 3, figsize=(14, 4))
-    for run in runs:
-        sft = _metrics(run / "sft")
-        sft_ax.plot([m["step"] for m in sft], [m["loss"] for m in sft], label=run.name)
-        for stage in sorted(run.glob("dpo-*")):
-            lines = _metrics(stage)
-            label = f"{run.name}/{stage.name}"
-            loss_ax.plot([m["epoch"] for m in lines], [m["loss"] for m in lines], label=label)
-            margin_ax.plot([m["epoch"] for m in lines], [m["rewards/margin"] for m in lines], label=label)
-    for ax, title in ((sft_ax, "dSFT loss (by step)"), (loss_ax, "dDPO loss (by epoch)"), (margin_ax, "dDPO reward margin")):
-        ax.set_title(title)
-        ax.legend(fontsize=7)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-
-
-def write_report(runs: list[Path], out: Path) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    rows, facts = [], []
-    for run in runs:
-        r, f = run_rows(run)
-        rows += r
-        facts.append((run, f))
-    graded = [r for r in rows if r["categories"]]  # a run with evaluate.skip: [mt_bench] has none
-    if graded:
-        radar(graded, out / "radar.png")
-    curves(runs, out / "curves.png")
-    md = ["# dalign report", "", "| run | model | alignment | MT-Bench-style score | win rate vs reference | LC win rate | "
+def results_lines(rows: list[dict], facts: list[tuple[Path, dict]]) -> list[str]:
+    md = ["## Results", "", "| run | model | alignment | MT-Bench-style score | win rate vs reference | LC win rate | "
           "held-out reward acc. | world-facts acc. |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         md.append(f"| {r['run']} | {r['model']} | {r['alignment']} | {_score(r)} | "
@@ -142,16 +99,166 @@ def write_report(runs: list[Path], out: Path) -> Path:
             line += f"; the dSFT model's pass@{k} is {_pct(sft['pass_at_k'])} against greedy accuracy " \
                     f"{_pct(sft['greedy_accuracy'])}"
         md.append(line + ".")
-    md += ["", "## Per category", "", "![radar](radar.png)" if graded else "(no MT-Bench-style grades)", "",
-           "## Training", "", "![curves](curves.png)", "",
-           "## Provenance", "", "| run | model | recipe | code | global batch | rows |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        p = r["provenance"]
-        md.append(f"| {r['run']} | {r['model']} | {p['recipe']} | {p['code']} | {p['global_batch'] or '-'} | "
-                  f"{json.dumps(p['rows']) if p['rows'] else '-'} |")
-    md += ["", "## Decontamination", "", *(line for run in runs for line in decontamination_lines(run))]
+    return md
+
+
+def category_lines(rows: list[dict], out: Path) -> list[str]:
+    graded = [r for r in rows if r["categories"]]  # a run with evaluate.skip: [mt_bench] has none
+    if not graded:
+        return ["## Per category", "", "(no MT-Bench-style grades)"]
+    charts.radar(graded, out / "radar.png")
+    cats = list(graded[0]["categories"])
+    md = ["## Per category", "", "| model | " + " | ".join(cats) + " |", "|---|" + "---|" * len(cats)]
+    md += [f"| {r['run']}/{r['model']} | " + " | ".join(f"{r['categories'].get(c, math.nan):.1f}" for c in cats) + " |"
+           for r in graded]
+    return md + ["", "![MT-Bench-style score per category (1-10)](radar.png)"]
+
+
+def training_lines(runs: list[Path], out: Path) -> list[str]:
+    if not charts.curves(runs, out / "curves.png"):
+        return []
+    return ["## Training", "", "![Training curves: dSFT loss; dDPO loss, reward margin and log-probs, each point a "
+            "logged window's mean](curves.png)"]
+
+
+def feedback_lines(runs: list[Path], out: Path) -> list[str]:
+    """Which ensemble member's answers the pairs chose and rejected, and the scores of each side."""
+    members: dict[str, Counter] = {}
+    scores: dict[str, list[float]] = {"chosen": [], "rejected": []}
+    rated: dict[str, list[float]] = {}
+    for run in runs:
+        for split in ("train", "test", "dev"):
+            path = run / "pairs" / f"{split}.jsonl"
+            for row in map(json.loads, path.read_text().splitlines() if path.exists() else []):
+                for side in ("chosen", "rejected"):
+                    members.setdefault(row.get(f"{side}_model") or "?", Counter())[side] += 1
+                    if row.get(f"score_{side}") is not None:
+                        scores[side].append(row[f"score_{side}"])
+        path = run / "ratings" / "ratings.jsonl"
+        for row in map(json.loads, path.read_text().splitlines() if path.exists() else []):
+            for c in row["completions"]:
+                if c.get("score") is not None:
+                    rated.setdefault(c["model"], []).append(c["score"])
+    if not members:
+        return []
+    charts.feedback(members, scores, out / "feedback.png")
+    md = ["## AI feedback", "", "| ensemble member | answers rated | mean score | chosen | rejected |", "|---|---|---|---|---|"]
+    for name in sorted(members.keys() | rated.keys()):
+        got, n = members.get(name, Counter()), rated.get(name, [])
+        md.append(f"| {name} | {len(n)} | {sum(n) / len(n):.2f} | {got['chosen']} | {got['rejected']} |" if n else
+                  f"| {name} | - | - | {got['chosen']} | {got['rejected']} |")
+    mean = lambda v: sum(v) / len(v) if v else math.nan  # noqa: E731
+    return md + ["", f"Pairs: {len(scores['chosen'])}; mean score of the chosen answer {mean(scores['chosen']):.2f}, "
+                 f"of the rejected one {mean(scores['rejected']):.2f} (the rater's four aspects, 1-5, averaged).", "",
+                 "![Pairs per ensemble member; scores of the chosen and rejected answers](feedback.png)"]
+
+
+def _cell(text: str | None, limit: int = 600) -> str:
+    """Text fit for one table cell: pipes escaped, line breaks kept, long text cut with a mark."""
+    text = (text or "").strip()
+    if len(text) > limit:
+        text = text[:limit].rstrip() + " [...]"
+    return text.replace("|", "\\|").replace("\n", "<br>") or "(empty)"
+
+
+def _rationale(judgment: dict) -> str:
+    """The judge's reply without its closing verdict line."""
+    if judgment.get("score") is None:
+        return judgment.get("error", "")
+    lines = [line.strip() for line in (judgment.get("raw") or "").strip().splitlines()[:-1] if line.strip()]
+    # Short 'Name: value' lines (correct, the aspects) share one line; prose keeps its own.
+    short = [line for line in lines if len(line) <= 40 and ":" in line]
+    return "\n".join([" · ".join(short)] * bool(short) + [line for line in lines if line not in short])
+
+
+def example_lines(run: Path, per_category: int) -> list[str]:
+    """The first held-out questions of each category: every model's two answers, the judge's
+    scores and rationale."""
+    evaluation = _read(run / "evaluate" / "manifest.json")
+    graded = {label: _read(run / "evaluate" / f"{label}.json") for label in evaluation["results"]}
+    graded = {label: g for label, g in graded.items() if g and g.get("answers")}
+    if not graded or per_category <= 0:
+        return []
+    md = ["## Example answers", "", f"The first {per_category} held-out question(s) of each category, as each model "
+          "answered them (greedy), with the judge's 1-10 score and what it wrote before it."]
+    questions = next(iter(graded.values()))["answers"]
+    shown: Counter = Counter()
+    for i, q in enumerate(questions):
+        if shown[q["category"]] >= per_category:
+            continue
+        shown[q["category"]] += 1
+        md += ["", f"### {q['category']}: {q.get('question_id', i)}", ""]
+        for turn in (0, 1):
+            md += [f"**Turn {turn + 1}.** {_cell(q['turns'][turn], 2000)}", "", "<!-- answers -->",
+                   "| model | score | answer | judge |", "|---|---|---|---|"]
+            for label, g in graded.items():
+                a = g["answers"][i]
+                score = a["judgments"][turn]["score"]
+                md.append(f"| {label} | {'-' if score is None else f'{score:g}'} | {_cell(a['answers'][turn])} | "
+                          f"{_cell(_rationale(a['judgments'][turn]), 400)} |")
+            md.append("")
+    return md
+
+
+ROLE_FACTS = (("teacher", "teacher"), ("user_simulator", "user simulator"), ("rater", "rater"), ("judge", "judge"),
+              ("comparer", "comparer"))
+
+
+def provenance_lines(run: Path) -> list[str]:
+    """Each stage's manifest as a sentence: what it read, its rows, steps and batch, seeds, roles,
+    code version and time."""
+    manifests = [m for m in (_read(p) for p in run.glob("*/manifest.json")) if m and m.get("status") == "complete"]
+    shared = [m for m in (_read(p) for p in run.parent.glob("base*/manifest.json")) if m] if not manifests or \
+        not any(m["stage"] == "base" for m in manifests) else []
+    md = ["## Provenance", ""]
+    for m in sorted(manifests + shared, key=lambda m: m.get("started", "")):
+        bits = []
+        if m.get("inputs"):
+            bits.append("reads " + ", ".join(m["inputs"]))
+        if rows := rows_text(m, reasons=True):
+            bits.append(rows)
+        if isinstance(m.get("rows"), dict) and m["rows"].get("replay"):
+            bits.append(f"{m['rows']['replay']} replay rows")
+        if m.get("steps"):
+            bits.append(f"{m['steps']} steps, global batch {m['global_batch_size']} ({m['per_device_batch_size']} per "
+                        f"device x {m['gradient_accumulation']} accumulation x {m['processes']} process"
+                        f"{'es' if m['processes'] != 1 else ''}, {m['engine']})")
+        if m.get("seeds"):
+            bits.append("seeds " + ", ".join(f"{k} {v}" for k, v in m["seeds"].items()))
+        bits += [f"{name} {m[key]}" for key, name in ROLE_FACTS if isinstance(m.get(key), str)]
+        code = str(m.get("code_version", "?"))
+        bits.append(f"code {code[:10]}{' (uncommitted changes)' if code.endswith('+dirty') else ''}")
+        if (seconds := manifest_seconds(m)) is not None:
+            bits.append(duration(seconds))
+        md.append(f"- **{m['stage']}**: " + "; ".join(bits) + ".")
+    return md
+
+
+def write_report(runs: list[Path], out: Path, examples_per_category: int = 1) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    rows, facts = [], []
+    for run in runs:
+        r, f = run_rows(run)
+        rows += r
+        facts.append((run, f))
+    evaluation = facts[0][1]["evaluate"]
+    md = [f"# dalign report: {', '.join(str(run) for run in runs)}", "",
+          f"Recipe {rows[0]['provenance']['recipe']}; evaluated on the {evaluation.get('split', 'test')} split "
+          f"({', '.join(f'{v} {k}' for k, v in evaluation.get('rows', {}).items()).replace('_', ' ')}); judge "
+          f"{evaluation.get('judge')}, comparer {evaluation.get('comparer')}; code {str(evaluation.get('code_version'))[:10]}."]
+    md += ["", *results_lines(rows, facts)]
+    if len(runs) == 1:
+        from dalign.paper import paper_lines
+
+        md += ["", *paper_lines(runs[0], out)]
+    md += ["", *category_lines(rows, out)]
+    for section in (training_lines(runs, out), feedback_lines(runs, out),
+                    *(example_lines(run, examples_per_category) for run in runs), *(provenance_lines(run) for run in runs)):
+        if section:
+            md += ["", *section]
+    md += ["", "## Decontamination", "", *(f"- {line}" for run in runs for line in decontamination_lines(run))]
     (out / "report.md").write_text("\n".join(md) + "\n")
-    (out / "report.html").write_text(_html(md, out))
+    (out / "report.html").write_text(to_html(md, out, title=f"dalign report: {', '.join(run.name for run in runs)}"))
     return out / "report.md"
 
 
@@ -170,26 +277,3 @@ def decontamination_lines(run: Path) -> list[str]:
         lines.append(f"**{run.name}/{stage}**: {checked['dropped']} of {checked['rows']} training rows dropped for "
                      f"sharing a {checked['n']}-word run with an evaluation set ({sets}).")
     return lines
-
-
-def _html(md: list[str], out: Path) -> str:
-    """The Markdown as plain HTML, images embedded so the page stands alone."""
-    body, table = [], []
-    for line in md + [""]:
-        if line.startswith("|"):
-            if not set(line) <= set("|-"):
-                table.append("<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in line.strip("|").split("|")) + "</tr>")
-            continue
-        if table:
-            body.append("<table border=1 cellpadding=4>" + "".join(table) + "</table>")
-            table = []
-        if line.startswith("!["):
-            name = line[line.index("(") + 1:-1]
-            data = base64.b64encode((out / name).read_bytes()).decode()
-            body.append(f'<img src="data:image/png;base64,{data}" alt="{name}">')
-        elif line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            body.append(f"<h{level}>{html.escape(line.lstrip('# '))}</h{level}>")
-        elif line:
-            body.append(f"<p>{html.escape(line).replace('**', '')}</p>")
-    return "<!doctype html><meta charset=utf-8><title>dalign report</title>" + "\n".join(body)

@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import contextlib
 
-from dalign import binarize, completions, decontaminate, dpo, evaluate, generate, pretrain, rate, serving, sft
+from dalign import binarize, completions, decontaminate, dpo, evaluate, generate, pretrain, rate, serving, sft, tracking
 from dalign.adapters import check as check_lora
 from dalign.config import ConfigError
+from dalign.console import stage_summary
 from dalign.lock import RunLock
 from dalign.manifest import Stage
 from dalign.parallel import barrier, is_main, launched_processes
 from dalign.recipe import RecipeConfig
+from dalign.status import write_plan
 
 RUNNERS = {"base": pretrain.stage, "dialogues": generate.stage, "sft": sft.stage, "completions": completions.stage,
            "ratings": rate.stage, "pairs": binarize.stage, "dpo": dpo.stage, "evaluate": evaluate.stage}
@@ -135,7 +137,8 @@ def run_stage(recipe: RecipeConfig, name: str, stages: dict | None = None) -> di
     with serving.stage_servers():  # a server a role of this stage asked for lives as long as the stage
         facts = RUNNERS[name.split("-")[0]](recipe, stage.dir, inputs, *name.split("-", 1)[1:])
     if main:
-        stage.finish(recipe=recipe.name, inputs={k: str(v) for k, v in inputs.items()}, **facts)
+        finished = stage.finish(recipe=recipe.name, inputs={k: str(v) for k, v in inputs.items()}, **facts)
+        print(stage_summary(name, finished, stage.dir), flush=True)
     barrier()
     return stage.read()
 
@@ -148,6 +151,8 @@ def run_recipe(recipe: RecipeConfig, only: str | None = None) -> dict:
     runs = [recipe.for_seed(s) for s in recipe.seeds] or [recipe]
     planned = [(run, *stages_to_run(run, only)) for run in runs]
     with RunLock(recipe.run_dir) if is_main() else contextlib.nullcontext():
+        if is_main():  # what `dalign status` lists, the stages not started included
+            write_plan(recipe.run_dir, [(run.run_dir, [(n, stage_root(run, n)) for n in stages]) for run, stages, _ in planned])
         return [{name: run_stage(run, name, stages) for name in names} for run, stages, names in planned][-1]
 
 
@@ -163,6 +168,8 @@ def stages_to_run(recipe: RecipeConfig, only: str | None) -> tuple[dict, list[st
         raise ConfigError(f"this recipe has no stage {only}: its stages are {', '.join(stages)}")
     for section in ("sft", "dpo"):  # QLoRA without a GPU, say: before any stage
         check_lora(getattr(recipe, section).lora, section)
+    for section in ("base", "sft", "dpo"):  # a tracker whose package is missing
+        tracking.check(getattr(recipe, section).report_to, section)
     check_launch(recipe, names)
     return stages, names
 

@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
 import torch
-from tqdm import tqdm
 
-from dalign import parallel
+from dalign import parallel, tracking
 from dalign.chat import IGNORE
 from dalign.checkpoints import latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
 from dalign.config import TrainConfig
+from dalign.console import Progress
 
 
 @dataclass
@@ -161,6 +161,7 @@ def train(model, rows: Sequence, make_batch: Callable[[list], dict], cfg: TrainC
     """Train `model` on `rows` (collated by `make_batch`) under the engine of the launch; every
     process calls it. `export(model, state_dict)` runs on rank 0 alone at the end, with the full
     trained weights gathered from every process. Returns a summary for the manifest."""
+    tracking.check(cfg.report_to, desc)
     sizes = cfg.batch_sizes(parallel.launched_processes(), desc)
     if len(rows) < sizes.global_batch and sizes.processes > 1:
         raise ValueError(f"{len(rows)} training rows are fewer than one global batch of {sizes.global_batch}: "
@@ -194,10 +195,11 @@ def train(model, rows: Sequence, make_batch: Callable[[list], dict], cfg: TrainC
     if accelerator.is_main_process:
         _truncate_log(log_path, start)  # lines logged after the last checkpoint are written again
     model.train()
-    bar = tqdm(range(start, plan.total_steps), desc=desc, initial=start, total=plan.total_steps,
-               disable=not accelerator.is_main_process)
+    bar = Progress(out.name, plan.total_steps, "steps", initial=start)
+    # The trackers get each metrics.jsonl line; a resumed TensorBoard hides what an earlier attempt logged past `start`.
+    trackers = tracking.start(cfg.report_to, out, start, accelerator.is_main_process, cfg.model_dump(mode="json"))
     window = Window()
-    for step in bar:
+    for step in range(start, plan.total_steps):
         parts = plan.micro_indices(step)  # row positions, kept to name the rows of a non-finite step
         micro = [to_device(make_batch([rows[i] for i in part]), accelerator.device) for part in parts]
         # Normalise by the units (tokens, pairs) of the whole step over every process, so that
@@ -249,10 +251,14 @@ def train(model, rows: Sequence, make_batch: Callable[[list], dict], cfg: TrainC
             if accelerator.is_main_process:
                 with log_path.open("a") as f:
                     f.write(json.dumps(line) + "\n")
-                bar.set_postfix(loss=f"{line['loss']:.3f}")
+                trackers.log(line)
+                bar.postfix(loss=line["loss"])
             window = Window()
         if checkpoint:
             save_checkpoint(accelerator, ckpt_dir, done, cfg.keep_checkpoints)
+        bar.update()
+    bar.close()
+    trackers.finish()
     state_dict = accelerator.get_state_dict(model)  # collective: the full weights, on rank 0
     if accelerator.is_main_process and export is not None:
         export(accelerator.unwrap_model(model), state_dict)

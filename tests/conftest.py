@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import itertools
 
 import pytest
@@ -30,3 +32,23 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def micro_run(tmp_path_factory):
+    """The whole micro recipe (tests/micro.py), run once through the CLI on one thread: (recipe
+    path, run dir, exit code, stdout, stderr)."""
+    from micro import write_recipe
+
+    from dalign.cli import main
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    folder = tmp_path_factory.mktemp("stages")
+    run_dir = folder / "run"
+    path = write_recipe(folder, run_dir)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["run", str(path)])
+    torch.set_num_threads(before)
+    return path, run_dir, code, out.getvalue(), err.getvalue()

@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM
 
 from dalign.cli import main
 from dalign.serving import free_port
-from test_stages import write_recipe
+from micro import write_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 TWO = ["sft.global_batch_size=8", "sft.per_device_batch_size=2", "dpo.global_batch_size=4",

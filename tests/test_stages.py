@@ -4,9 +4,7 @@ key and the recipe file."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 import shutil
 from pathlib import Path
@@ -22,48 +20,15 @@ from dalign.data import read_rows, validate_dialogue
 from dalign.manifest import config_hash
 from dalign.recipe import load_recipe
 from dalign.run import plan
-
-RECIPE = """\
-name: micro
-run_dir: {run_dir}
-base: {{corpus_documents: 300, max_steps: 6, per_device_batch_size: 4, max_length: 64, log_every: 2,
-        model: {{hidden_size: 32, layers: 1, heads: 2, intermediate_size: 64, max_position: 128, vocab_size: 600}}}}
-dialogues: {{n_dialogues: 40, chunk_size: 16}}
-sft: {{max_steps: 4, per_device_batch_size: 4, max_length: 128, log_every: 1}}
-completions: {{n_prompts: 16, chunk_size: 8, max_new_tokens: 8}}
-pairs: {{dev_fraction: 0.0}}  # as pinned
-dpo: {{max_steps: 2, per_device_batch_size: 4, max_length: 128, learning_rate: 1.0e-4}}  # as pinned
-variants: [{{name: main}}, {{name: nosft, start: base}}]
-evaluate: {{questions_per_category: 1, max_new_tokens: 8, pass_k: 2, win_rate_instructions: 8}}
-"""
-
+from micro import write_recipe
 
 @pytest.fixture(autouse=True)
 def _one_thread(one_thread):
     """Training tests run on one thread: results do not depend on the core count."""
 
 
-def write_recipe(folder: Path, run_dir: Path) -> Path:
-    path = folder / "micro.yaml"
-    path.write_text(RECIPE.format(run_dir=run_dir))
-    return path
-
-
 def manifest(run_dir: Path, stage: str) -> dict:
     return json.loads((run_dir / stage / "manifest.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def micro_run(tmp_path_factory):
-    """The whole micro recipe, run once through the CLI."""
-    torch.set_num_threads(1)
-    folder = tmp_path_factory.mktemp("stages")
-    run_dir = folder / "run"
-    path = write_recipe(folder, run_dir)
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(["run", str(path)])
-    return path, run_dir, code, out.getvalue(), err.getvalue()
 
 
 def stages(path) -> list[str]:
@@ -254,7 +219,7 @@ def test_the_report_has_the_table_charts_and_provenance(micro_run, tmp_path):
     assert f"{evaluation['results']['sft']['score']:.2f}" in md
     assert "of AI-feedback pairs have chosen and rejected of different scores" in md
     page = (tmp_path / "rep" / "report.html").read_text()
-    assert page.count('src="data:image/png;base64,') == 2 and "<table" in page
+    assert page.count('src="data:image/png;base64,') == 3 and "<table" in page  # radar, curves, AI feedback
     assert (tmp_path / "rep" / "radar.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["report", str(tmp_path / "nowhere")]) == 2
 
