@@ -15,6 +15,7 @@ import contextlib
 
 from dalign import binarize, completions, decontaminate, dpo, evaluate, generate, pretrain, rate, serving, sft, tracking
 from dalign.adapters import check as check_lora
+from dalign.cards import write_cards
 from dalign.config import ConfigError
 from dalign.console import stage_summary
 from dalign.lock import RunLock
@@ -117,6 +118,7 @@ def run_stage(recipe: RecipeConfig, name: str, stages: dict | None = None) -> di
     if stage.done():
         if main:
             print(f"[{name}] complete in {stage.dir}, skipped")
+            write_cards(recipe, name, stages)  # a run made before cards, or killed before its card
         return stage.read()
     inputs = {}
     for needed in stages[name][0]:
@@ -138,6 +140,7 @@ def run_stage(recipe: RecipeConfig, name: str, stages: dict | None = None) -> di
         facts = RUNNERS[name.split("-")[0]](recipe, stage.dir, inputs, *name.split("-", 1)[1:])
     if main:
         finished = stage.finish(recipe=recipe.name, inputs={k: str(v) for k, v in inputs.items()}, **facts)
+        write_cards(recipe, name, stages)  # the hub cards; an evaluation refreshes its models'
         print(stage_summary(name, finished, stage.dir), flush=True)
     barrier()
     return stage.read()
@@ -174,15 +177,16 @@ def stages_to_run(recipe: RecipeConfig, only: str | None) -> tuple[dict, list[st
     return stages, names
 
 
-def score_table(evaluation: dict) -> str:
-    """Every evaluated model's figures as a Markdown table: the columns the evaluation has."""
+def score_table(evaluation: dict, categories: bool = False) -> str:
+    """Every evaluated model's figures as a Markdown table: the columns the evaluation has (the
+    per-category scores only with `categories`: the console gets the narrow table, the report
+    the categories)."""
     results = evaluation["results"]
     has = lambda key: any(key in r for r in results.values())  # noqa: E731
-    cats = list(next((r["categories"] for r in results.values() if "categories" in r), {}))
+    cats = list(next((r["categories"] for r in results.values() if "categories" in r), {})) if categories else []
     correctness, k = has("greedy_accuracy"), evaluation["config"]["evaluate"]["pass_k"]
     columns = [("MT-Bench-style score (95% CI)", has("score"), lambda r: f"{r['score']:.2f} ± {r['ci95']:.2f}"),
                (f"win rate vs {evaluation.get('reference')} (LC)", has("win_rate"), lambda r: _rate(r.get("win_rate"))),
-               ("1st-turn correct", correctness, lambda r: f"{r['first_turn_correct']:.0%}"),
                ("greedy acc", correctness, lambda r: f"{r['greedy_accuracy']:.0%}"),
                (f"pass@{k}", correctness, lambda r: f"{r['pass_at_k']:.0%}"),
                ("held-out reward acc (pairs)", has("reward_accuracy"), lambda r: _reward(r.get("reward_accuracy")))]
