@@ -183,6 +183,12 @@ def main(argv: list[str] | None = None) -> int:
             run = Path(recipe.run_dir)
             path = write_paper_report(run) if recipe.seeds else write_report([run], run / "report")
             print(f"\nreport: {path} and {path.with_suffix('.html')}")
+            scored = {label: r["score"] for label, r in evaluation["results"].items() if r.get("score") is not None}
+            if scored:  # the next thing a user wants: to talk to the best of them
+                best = max(scored, key=scored.get)
+                folder = Path(recipe.for_seed(recipe.seeds[-1]).run_dir if recipe.seeds else run) / best / "model"
+                if folder.exists():  # a start model's label has no folder of the run's
+                    print(f"talk to {best}, the best-scored model: dalign chat {folder}")
     return 0
 
 
