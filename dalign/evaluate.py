@@ -278,7 +278,7 @@ def stage(recipe, out: Path, inputs: dict[str, Path], split: str | None = None) 
         for label in mine:
             bar.postfix(job=f"{label} multiple choice")
             if not (out / f"mc_{label}" / "mc.json").exists():
-                run_mc(MCConfig(model=str(models[label]), **cfg.mc), out / f"mc_{label}")
+                run_mc(MCConfig(model=str(models[label]), **cfg.mc), out / f"mc_{label}", bars=False)
             bar.update()
     bar.close()
     barrier()

@@ -18,9 +18,11 @@ provenance) and `mc_samples.jsonl` (per question: each choice's log-likelihood a
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
+import sys
 import time
 from enum import Enum
 from pathlib import Path
@@ -298,9 +300,33 @@ def _to_json(value):
     return value.item() if hasattr(value, "item") else str(value)  # numpy scalars; anything else as text
 
 
-def run_mc(cfg: MCConfig, out: Path) -> dict:
+@contextlib.contextmanager
+def _without_lm_eval_bars():
+    """lm_eval draws tqdm bars of its own (building each task's requests, tokenizing, scoring) and
+    its evaluator has no switch for them: inside a stage, which shows its own bar, each of its
+    modules' `tqdm` is replaced by one that is disabled, for the length of the call."""
+    import lm_eval.api.model  # noqa: F401  (the modules that draw the bars, loaded before they are patched)
+    import lm_eval.api.task  # noqa: F401
+    import lm_eval.models.huggingface  # noqa: F401
+    from tqdm import tqdm
+
+    def hidden(*args, **kwargs):
+        return tqdm(*args, **{**kwargs, "disable": True})
+
+    patched = [m for name, m in list(sys.modules.items()) if name.startswith("lm_eval") and getattr(m, "tqdm", None) is tqdm]
+    for module in patched:
+        module.tqdm = hidden
+    try:
+        yield
+    finally:
+        for module in patched:
+            module.tqdm = tqdm
+
+
+def run_mc(cfg: MCConfig, out: Path, bars: bool = True) -> dict:
     """Score cfg.model on cfg.tasks with lm_eval; write out/mc.json (scores and provenance) and
-    out/mc_samples.jsonl (one row per question scored), and return the content of mc.json."""
+    out/mc_samples.jsonl (one row per question scored), and return the content of mc.json.
+    `bars`: lm_eval's progress bars (off inside the evaluation stage, which has its own)."""
     lm_eval = _import_lm_eval()
     from lm_eval.tasks import TaskManager
 
@@ -328,11 +354,12 @@ def run_mc(cfg: MCConfig, out: Path) -> dict:
 
         _hub_call(AutoConfig.from_pretrained, pretrained)  # an uncached hub model fails here, saying how to fix it
     start = time.time()
-    res = lm_eval.simple_evaluate(
-        model="hf", model_args={"pretrained": pretrained, "dtype": cfg.dtype}, tasks=loaded,
-        task_manager=manager, num_fewshot=None, batch_size=cfg.batch_size, device=cfg.device, limit=cfg.limit,
-        log_samples=True, random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
-        fewshot_random_seed=cfg.seed)
+    with contextlib.nullcontext() if bars else _without_lm_eval_bars():
+        res = lm_eval.simple_evaluate(
+            model="hf", model_args={"pretrained": pretrained, "dtype": cfg.dtype}, tasks=loaded,
+            task_manager=manager, num_fewshot=None, batch_size=cfg.batch_size, device=cfg.device, limit=cfg.limit,
+            log_samples=True, random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
+            fewshot_random_seed=cfg.seed)
     import datasets
     import torch
     import transformers
