@@ -57,14 +57,16 @@ def duration(seconds: float) -> str:
 
 
 class Progress:
-    """A stage's bar: `update(n)` as work is done, `postfix(loss=...)` for the latest figures."""
+    """A stage's bar: `update(n)` as work is done, `postfix(loss=...)` for the latest figures.
+    Away from a terminal, a line each tenth of the way at most every `every` seconds, and the last."""
 
-    def __init__(self, stage: str, total: int, unit: str, initial: int = 0):
+    def __init__(self, stage: str, total: int, unit: str, initial: int = 0, every: float = 5.0):
         self.stage, self.total, self.unit, self.n = stage, total, unit, initial
         self.shown = is_main() and total > 0
         self.tty = sys.stderr.isatty()
         self.figures: dict[str, str] = {}
         self.started, self.start_n, self.next_line = time.monotonic(), initial, initial + max(1, total // 10)
+        self.every, self.last_line = every, self.started
         self.bar = tqdm(total=total, initial=initial, desc=f"[{stage}]", unit=f" {unit}", dynamic_ncols=True,
                         bar_format="{desc} {percentage:3.0f}%|{bar:24}| {n_fmt}/{total_fmt}{unit} "
                                    "[{elapsed}<{remaining}{postfix}]",
@@ -75,11 +77,13 @@ class Progress:
     def update(self, n: int = 1) -> None:
         self.n += n
         self.bar.update(n)
-        if self.shown and not self.tty and (self.n >= self.next_line or self.n >= self.total):
-            self.next_line = self.n + max(1, self.total // 10)
-            elapsed = time.monotonic() - self.started
-            done = self.n - self.start_n
-            left = f", about {duration(elapsed / done * (self.total - self.n))} left" if done and self.n < self.total else ""
+        now = time.monotonic()
+        due = self.n >= self.next_line and now - self.last_line >= self.every and self.n < self.total
+        if self.shown and not self.tty and (due or self.n >= self.total):
+            self.next_line, self.last_line = self.n + max(1, self.total // 10), now
+            elapsed, done = now - self.started, self.n - self.start_n
+            eta = elapsed / done * (self.total - self.n) if done else 0
+            left = f", about {duration(eta)} left" if eta >= 1 and self.n < self.total else ""
             figures = "".join(f", {k} {v}" for k, v in self.figures.items())
             print(f"[{self.stage}] {self.n}/{self.total} {self.unit} ({self.n / self.total:.0%}) in "
                   f"{duration(elapsed)}{left}{figures}", file=sys.stderr, flush=True)

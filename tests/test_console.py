@@ -15,7 +15,7 @@ from dalign.recipe import load_recipe
 
 
 def test_away_from_a_terminal_the_bar_is_ten_plain_lines(capsys):
-    with Progress("ratings", 200, "rows", initial=40) as bar:
+    with Progress("ratings", 200, "rows", initial=40, every=0) as bar:
         for _ in range(16):
             bar.postfix(loss=0.5)
             bar.update(10)
@@ -24,7 +24,11 @@ def test_away_from_a_terminal_the_bar_is_ten_plain_lines(capsys):
     assert lines[0] == "[ratings] resuming at 40/200 rows"
     counts = [line.split()[1] for line in lines[1:]]
     assert counts == ["60/200", "80/200", "100/200", "120/200", "140/200", "160/200", "180/200", "200/200"]
-    assert "\r" not in err and "about" in lines[1] and "loss 0.500" in lines[1] and "(100%)" in lines[-1]
+    assert "\r" not in err and "loss 0.500" in lines[1] and "(100%)" in lines[-1]
+    with Progress("pairs", 200, "rows") as bar:  # a fast stage: its last line only, not ten in a second
+        for _ in range(20):
+            bar.update(10)
+    assert capsys.readouterr().err.splitlines() == ["[pairs] 200/200 rows (100%) in 0 s"]
 
 
 def test_a_run_prints_a_summary_line_per_stage_and_no_loading_bars(micro_run):

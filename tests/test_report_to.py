@@ -20,7 +20,7 @@ from dalign.recipe import load_recipe
 from dalign.run import plan
 from dalign.sft import dialogue_examples
 from dalign.train import collate, latest_checkpoint, train
-from test_train import Interrupt, read_metrics, state, tiny_model, world_dialogues
+from test_train import Interrupt, dies_after, read_metrics, state, tiny_model, world_dialogues
 
 # 12 rows / global batch 4: 6 steps cross an epoch boundary; a line at every step, a checkpoint every 3.
 CFG = TrainConfig(learning_rate=5e-3, max_steps=6, per_device_batch_size=2, gradient_accumulation=2,
@@ -84,16 +84,8 @@ def test_a_resumed_run_reads_back_one_value_per_step(rows, make, world_tokenizer
     pytest.importorskip("tensorboard")
     cfg = CFG.model_copy(update={"checkpoint_every": checkpoint_every, "report_to": ["tensorboard"]})
     train(tiny_model(world_tokenizer), rows, make, CFG, tmp_path / "straight")
-    calls = {"n": 0}
-
-    def dying(batch_rows):
-        calls["n"] += 1
-        if calls["n"] > 8:  # two micro-batches a step: dies in step 5, after step 4 was logged
-            raise Interrupt
-        return make(batch_rows)
-
-    with pytest.raises(Interrupt):
-        train(tiny_model(world_tokenizer), rows, dying, cfg, tmp_path / "run")
+    with pytest.raises(Interrupt):  # two micro-batches a step: dies in step 5, after step 4 was logged
+        train(tiny_model(world_tokenizer), rows, dies_after(make, 8), cfg, tmp_path / "run")
     checkpoint = latest_checkpoint(tmp_path / "run" / "checkpoints")
     assert (checkpoint.name if checkpoint else None) == (f"step-{resumed_from}" if resumed_from else None)
     assert [s for s, _ in tensorboard_scalars(tmp_path / "run" / "tensorboard")["loss"]] == [1, 2, 3, 4]

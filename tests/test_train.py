@@ -131,6 +131,19 @@ class Interrupt(Exception):
     pass
 
 
+def dies_after(make, batches: int):
+    """`make` for a run killed mid-way: it raises Interrupt when asked for batch `batches` + 1."""
+    made = {"n": 0}
+
+    def dying(batch_rows):
+        made["n"] += 1
+        if made["n"] > batches:
+            raise Interrupt
+        return make(batch_rows)
+
+    return dying
+
+
 def test_resume_after_interruption_gives_exactly_the_same_weights(world_tokenizer, dialogue_rows, tmp_path):
     examples = dialogue_examples(dialogue_rows[:12], world_tokenizer, 128, Counter())
     rows = [[e] for e in examples]
@@ -142,16 +155,8 @@ def test_resume_after_interruption_gives_exactly_the_same_weights(world_tokenize
     straight = tiny_model(world_tokenizer)
     train(straight, rows, make, cfg, tmp_path / "A")
 
-    calls = {"n": 0}
-
-    def dying(batch_rows):
-        calls["n"] += 1
-        if calls["n"] > 8:  # two micro-batches a step: dies in step 5, after step 4 was logged
-            raise Interrupt
-        return make(batch_rows)
-
-    with pytest.raises(Interrupt):
-        train(tiny_model(world_tokenizer), rows, dying, cfg, tmp_path / "B")
+    with pytest.raises(Interrupt):  # two micro-batches a step: dies in step 5, after step 4 was logged
+        train(tiny_model(world_tokenizer), rows, dies_after(make, 8), cfg, tmp_path / "B")
     assert latest_checkpoint(tmp_path / "B" / "checkpoints").name == "step-3"
     assert [m["step"] for m in read_metrics(tmp_path / "B" / "metrics.jsonl")] == [1, 2, 3, 4]
 
