@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 from dalign.binarize import Rejection
 from dalign.losses import PreferenceLoss
@@ -414,7 +414,11 @@ class DPOConfig(TrainConfig):
     beta: float = Field(0.1, gt=0)
     """Strength of the pull towards the reference model (the paper: 0.1)."""
     loss: PreferenceLoss = PreferenceLoss.SIGMOID
-    """sigmoid (DPO), ipo or hinge."""
+    """sigmoid (DPO), ipo, hinge, sigmoid_norm (length-normalized DPO), simpo or orpo (these two
+    reference-free: no reference pass; beta is SimPO's beta, ORPO's lambda); dalign.losses."""
+    simpo_gamma: float = Field(0.5, ge=0)
+    """SimPO's target reward margin gamma (read by loss simpo only, and only then in the config
+    hash: the other losses' stages keep theirs)."""
     chosen_nll: float = Field(0.0, ge=0)
     """Weight of an added NLL term on the chosen answer (RPO); 0 is plain DPO, the paper's. The
     term keeps the chosen log-probs from falling, but it is also supervised training on the
@@ -434,6 +438,19 @@ class DPOConfig(TrainConfig):
     lora: LoraConfig | None = None
     """Train LoRA adapters; the reference is then the same model with its adapters switched off
     (no second copy in memory), and the saved model has the adapters merged in."""
+
+    @model_validator(mode="after")
+    def _orpo_has_its_own_nll(self):
+        if self.loss is PreferenceLoss.ORPO and self.chosen_nll:
+            raise ValueError("chosen_nll: orpo's loss already holds the chosen answer's NLL; set chosen_nll: 0")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _gamma_only_for_simpo(self, handler):
+        dumped = handler(self)
+        if self.loss is not PreferenceLoss.SIMPO:
+            dumped.pop("simpo_gamma", None)
+        return dumped
 
 
 class DPOVariant(Strict):

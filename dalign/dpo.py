@@ -111,8 +111,8 @@ class PreferenceObjective:
     `chosen_nll` adds that weight times the chosen answer's mean token negative log-likelihood
     (as RPO does), which keeps the chosen log-probs from falling along with the rejected."""
 
-    def __init__(self, beta: float, variant: PreferenceLoss, chosen_nll: float = 0.0):
-        self.beta, self.variant, self.chosen_nll = beta, variant, chosen_nll
+    def __init__(self, beta: float, variant: PreferenceLoss, chosen_nll: float = 0.0, gamma: float = 0.0):
+        self.beta, self.variant, self.chosen_nll, self.gamma = beta, variant, chosen_nll, gamma
 
     def count(self, batch: dict) -> int:
         return len(batch["ref_chosen"])
@@ -122,7 +122,8 @@ class PreferenceObjective:
         logps = sequence_logps(model, batch, mean=self.variant.length_normalized)
         chosen, rejected = logps[:n], logps[n:]
         losses, r_chosen, r_rejected = preference_loss(chosen, rejected, batch["ref_chosen"].to(chosen.dtype),
-                                                       batch["ref_rejected"].to(chosen.dtype), self.beta, self.variant)
+                                                       batch["ref_rejected"].to(chosen.dtype), self.beta, self.variant,
+                                                       self.gamma)
         margin = r_chosen - r_rejected
         if self.chosen_nll:
             n_tokens = answer_tokens(batch)[:n].clamp(min=1)
@@ -189,11 +190,13 @@ def run_dpo(cfg: DPOConfig, policy_path: Path, reference_path: Path, pairs_path:
         raise ValueError("with LoRA the reference is the starting model with its adapters off: "
                          f"policy {policy_path} and reference {reference_path} must be the same")
     model = adapters.load_trainable(policy_path, cfg.lora, cfg.seed)
-    ref_key = reference_logps(reference_path, pairs, pairs_path, cfg, out / "reference_logps.json",
-                              tokenizer.pad_token_id, adapted=model if cfg.lora is not None else None)
+    ref_key = None  # a reference-free loss (SimPO, ORPO): no reference pass, the pairs' reference log-probs stay 0
+    if cfg.loss.needs_reference:
+        ref_key = reference_logps(reference_path, pairs, pairs_path, cfg, out / "reference_logps.json",
+                                  tokenizer.pad_token_id, adapted=model if cfg.lora is not None else None)
     model.train()
     collate_fn = collate_packed_pairs if cfg.packed else lambda chunk: collate_pairs(chunk, tokenizer.pad_token_id)
-    objective = PreferenceObjective(cfg.beta, cfg.loss, cfg.chosen_nll)
+    objective = PreferenceObjective(cfg.beta, cfg.loss, cfg.chosen_nll, cfg.simpo_gamma)
     with packed_attention(model, cfg.packed):
         summary = train(model, pairs, collate_fn, cfg, out, objective=objective, desc="dpo",
                         export=adapters.exporter(policy_path, cfg.lora, out, tokenizer))

@@ -168,3 +168,29 @@ def test_the_chosen_nll_term_adds_the_chosen_mean_nll(setup, world_tokenizer):
     n_tokens = torch.tensor([sum(x != IGNORE for x in p.chosen.labels[1:]) for p in pairs])
     expected = plain - 0.5 * (logps / n_tokens).sum()
     assert with_nll.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("loss", [PreferenceLoss.SIMPO, PreferenceLoss.ORPO])
+def test_a_reference_free_loss_makes_no_reference_pass_and_still_learns(setup, world_tokenizer, monkeypatch, loss):
+    import dalign.dpo
+
+    def no_reference(*args, **kwargs):
+        raise AssertionError("a reference-free loss asked for reference log-probs")
+
+    monkeypatch.setattr(dalign.dpo, "reference_logps", no_reference)
+    cfg = DPOConfig(max_steps=15, learning_rate=1e-2, beta=2.0 if loss is PreferenceLoss.SIMPO else 0.5, loss=loss,
+                    per_device_batch_size=8, checkpoint_every=100, log_every=1)
+    summary = run_dpo(cfg, setup / "sft", setup / "sft", setup / "pairs.jsonl", setup / "dpo")
+    assert summary["reference_logps_key"] is None and not (setup / "dpo" / "reference_logps.json").exists()
+    before = margins(setup / "sft", setup / "pairs.jsonl", world_tokenizer)
+    after = margins(setup / "dpo" / "model", setup / "pairs.jsonl", world_tokenizer)
+    assert (after - before).mean() > 1.0 and (after > before).float().mean() >= 0.9
+
+
+def test_simpo_gamma_enters_the_config_only_for_simpo_and_orpo_refuses_a_second_nll():
+    from pydantic import ValidationError
+
+    assert "simpo_gamma" not in DPOConfig().model_dump()  # existing dpo stages keep their config hash
+    assert DPOConfig(loss="simpo", simpo_gamma=1.0).model_dump()["simpo_gamma"] == 1.0
+    with pytest.raises(ValidationError, match="chosen_nll: orpo's loss already holds"):
+        DPOConfig(loss="orpo", chosen_nll=0.5)

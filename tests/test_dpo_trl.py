@@ -41,6 +41,20 @@ def _one_thread(one_thread):
 
 @pytest.fixture(scope="module")
 def peer(world_tokenizer, tmp_path_factory):
+    return trl_step(world_tokenizer, tmp_path_factory, "sigmoid")
+
+
+@pytest.fixture(scope="module")
+def peer_norm(world_tokenizer, tmp_path_factory):
+    # Mean log-ratios are a sequence's summed ones over ~100 tokens: a beta 50 times DPO's keeps
+    # the loss away from log 2, where any two losses agree.
+    return trl_step(world_tokenizer, tmp_path_factory, "sigmoid_norm", NORM_BETA)
+
+
+NORM_BETA = 50 * BETA
+
+
+def trl_step(world_tokenizer, tmp_path_factory, loss_type: str, beta: float = BETA) -> dict:
     """One TRL DPO step (learning rate 0) on N world pairs: its batch, its logged metrics, and
     untouched copies of the policy and reference weights it scored them with."""
     before = torch.get_num_threads()
@@ -49,8 +63,8 @@ def peer(world_tokenizer, tmp_path_factory):
     policy = build_model(TINY, world_tokenizer, seed=0)
     reference = far_copy(policy)
     ours = copy.deepcopy(policy).eval(), copy.deepcopy(reference).eval()  # TRL patches its models' forward
-    args = trl.DPOConfig(output_dir=str(tmp_path_factory.mktemp("trl")), bf16=False, use_cpu=True, beta=BETA,
-                         loss_type=["sigmoid"], per_device_train_batch_size=N, max_steps=1, learning_rate=0.0,
+    args = trl.DPOConfig(output_dir=str(tmp_path_factory.mktemp("trl")), bf16=False, use_cpu=True, beta=beta,
+                         loss_type=[loss_type], per_device_train_batch_size=N, max_steps=1, learning_rate=0.0,
                          logging_steps=1, report_to=[], save_strategy="no", activation_checkpointing=False,
                          precompute_ref_log_probs=False, max_length=None, dataloader_num_workers=0)
     dataset = datasets.Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
@@ -94,14 +108,15 @@ def pairs_from_trl_batch(batch: dict) -> list[Pair]:
     return [Pair(examples[i], examples[N + i]) for i in range(N)]
 
 
-def dalign_metrics(pairs: list[Pair], policy, reference, pad_id: int, beta: float) -> dict[str, float]:
+def dalign_metrics(pairs: list[Pair], policy, reference, pad_id: int, beta: float,
+                   variant: PreferenceLoss = PreferenceLoss.SIGMOID) -> dict[str, float]:
     """dalign's objective on these pairs, reference log-probs filled as dalign.dpo.reference_logps does;
     sums turned into means over pairs, as TRL logs them."""
     with torch.no_grad():
-        ref = sequence_logps(reference, collate_pairs(pairs, pad_id))
+        ref = sequence_logps(reference, collate_pairs(pairs, pad_id), mean=variant.length_normalized)
         for i, pair in enumerate(pairs):
             pair.ref_chosen, pair.ref_rejected = float(ref[i]), float(ref[N + i])
-        loss, metrics = PreferenceObjective(beta, PreferenceLoss.SIGMOID).loss(policy, collate_pairs(pairs, pad_id))
+        loss, metrics = PreferenceObjective(beta, variant).loss(policy, collate_pairs(pairs, pad_id))
     return {"loss": loss.item() / N, **{k: v / N for k, v in metrics.items()}}
 
 
@@ -155,3 +170,14 @@ def test_the_comparison_can_fail(peer, world_tokenizer):
     own = dalign_metrics(own_labels, peer["policy"], peer["reference"], pad, BETA)
     assert abs(own["logps/chosen"] - theirs["logps/chosen"]) > 1e-2
     assert abs(own["rewards/chosen"] - theirs["rewards/chosen"]) > TOL
+
+
+def test_length_normalized_dpo_equals_trl_sigmoid_norm(peer_norm, peer, world_tokenizer):
+    """dalign's sigmoid_norm (DPO on mean log-probs, reference ones included) gives TRL's loss.
+    TRL logs its rewards from summed log-ratios whatever the loss, so only the loss is compared."""
+    pairs = pairs_from_trl_batch(peer_norm["batch"])
+    args = pairs, peer_norm["policy"], peer_norm["reference"], world_tokenizer.pad_token_id, NORM_BETA
+    theirs = peer_norm["logged"]["loss"]
+    assert abs(theirs - math.log(2)) > 1e-2
+    assert dalign_metrics(*args, PreferenceLoss.SIGMOID_NORM)["loss"] == pytest.approx(theirs, abs=TOL, rel=0)
+    assert abs(dalign_metrics(*args, PreferenceLoss.SIGMOID)["loss"] - theirs) > 1e-2  # the averaging matters

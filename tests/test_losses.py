@@ -43,5 +43,44 @@ def test_sigmoid_gradient_pushes_chosen_up_and_rejected_down():
     assert pr.grad.item() == pytest.approx(0.0450166, abs=1e-6)
 
 
-def test_only_ipo_is_length_normalized():
-    assert [v.length_normalized for v in PreferenceLoss] == [False, True, False]
+def test_which_variants_are_length_normalized_and_reference_free():
+    assert [v.length_normalized for v in PreferenceLoss] == [False, True, False, True, True, True]
+    assert [v.needs_reference for v in PreferenceLoss] == [True, True, True, True, False, False]
+    assert all(v.needs_pairs for v in PreferenceLoss)
+
+
+# Mean log-probs (the length-normalized variants are given means): chosen -1 and -0.5, rejected -2 and -0.4.
+MEANS = dict(policy_chosen=torch.tensor([-1.0, -0.5]), policy_rejected=torch.tensor([-2.0, -0.4]),
+             ref_chosen=torch.tensor([-3.0, -3.0]), ref_rejected=torch.tensor([-1.0, -1.0]))
+
+
+def test_length_normalized_dpo_is_dpo_on_mean_log_probs():
+    """Given means, sigmoid_norm is DPO's formula (the averaging is the objective's: TRL's equality test)."""
+    norm, c, r = preference_loss(**MEANS, beta=0.1, variant=PreferenceLoss.SIGMOID_NORM)
+    plain, c2, r2 = preference_loss(**MEANS, beta=0.1, variant=PreferenceLoss.SIGMOID)
+    # h = (-1 - -3) - (-2 - -1) = 3: log(1 + e^-0.3) = 0.5543552; pair 2: h = 2.5 - 0.6 = 1.9: log(1 + e^-0.19) = 0.6026529
+    assert torch.allclose(norm, torch.tensor([0.5543552, 0.6026529]), atol=1e-6)
+    assert torch.equal(norm, plain) and torch.equal(c, c2) and torch.equal(r, r2)
+
+
+def test_simpo_matches_hand_computed_values_and_ignores_the_reference():
+    """beta 2, gamma 0.5. Pair 1: z = 2 * (-1 - -2) - 0.5 = 1.5, log(1 + e^-1.5) = 0.2014133.
+    Pair 2: z = 2 * (-0.5 - -0.4) - 0.5 = -0.7, log(1 + e^0.7) = 1.1031860. Rewards 2 * mean."""
+    losses, chosen, rejected = preference_loss(**MEANS, beta=2.0, variant=PreferenceLoss.SIMPO, gamma=0.5)
+    assert torch.allclose(losses, torch.tensor([0.2014133, 1.1031860]), atol=1e-6)
+    assert torch.allclose(chosen, torch.tensor([-2.0, -1.0])) and torch.allclose(rejected, torch.tensor([-4.0, -0.8]))
+    other_reference = {**MEANS, "ref_chosen": torch.tensor([5.0, 5.0])}
+    assert torch.equal(preference_loss(**other_reference, beta=2.0, variant=PreferenceLoss.SIMPO, gamma=0.5)[0], losses)
+    assert not torch.allclose(preference_loss(**MEANS, beta=2.0, variant=PreferenceLoss.SIMPO, gamma=0.0)[0], losses)
+
+
+def test_orpo_matches_hand_computed_values():
+    """beta 0.1; log odds = m - log(1 - e^m) of a mean log-prob m.
+    Pair 1: chosen -0.5413249, rejected -1.8545865, ratio 1.3132617: 1 + 0.1 * log(1 + e^-1.3132617) = 1.0238183.
+    Pair 2: chosen 0.4327521, rejected 0.7096329, ratio -0.2768808: 0.5 + 0.1 * log(1 + e^0.2768808) = 0.5841140."""
+    losses, chosen, _ = preference_loss(**MEANS, beta=0.1, variant=PreferenceLoss.ORPO)
+    assert torch.allclose(losses, torch.tensor([1.0238183, 0.5841140]), atol=1e-6)
+    assert torch.allclose(chosen, torch.tensor([-0.1, -0.05]))
+    pc = torch.tensor([-1.0], requires_grad=True)
+    preference_loss(pc, torch.tensor([-2.0]), torch.zeros(1), torch.zeros(1), 0.1, PreferenceLoss.ORPO)[0].sum().backward()
+    assert pc.grad.item() < -1.0  # the NLL's -1, and the odds-ratio term pushes the chosen up too
