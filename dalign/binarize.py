@@ -2,8 +2,10 @@
 
 `chosen` is the completion with the highest mean aspect score. `rejected` follows a rule:
 the paper's `random` (any other completion, ties included, for diversity), `random_lower`
-(only strictly lower-rated ones; prompts where all tie are dropped) or `worst`. Each prompt's
-choice is seeded by its id, so the result does not depend on order or on resumes.
+(only strictly lower-rated ones; prompts where all tie are dropped), `worst`, or `all` (every
+strictly lower-rated completion, each its own pair with the same chosen: UltraFeedback's four
+completions give up to three pairs instead of one). Each prompt's choice is seeded by its id, so
+the result does not depend on order or on resumes; a prompt's pairs all go to its split.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ class Rejection(str, Enum):
     RANDOM = "random"
     RANDOM_LOWER = "random_lower"
     WORST = "worst"
+    ALL = "all"
 
     @property
     def allows_ties(self) -> bool:
@@ -28,16 +31,27 @@ def _rng(seed: int, key: str) -> random.Random:
     return random.Random(int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big"))
 
 
-def binarize_row(row: dict, rule: Rejection, seed: int) -> tuple[dict | None, str | None]:
-    """One preference row from one rated prompt, or (None, reason it was dropped)."""
+def _rated(row: dict) -> list[dict]:
     # An empty answer is never a side of a pair (the rating stage leaves it unrated; a ratings file
     # from elsewhere may not), so every pair is valid input for dDPO.
-    rated = [c for c in row["completions"] if c.get("score") is not None and (c.get("text") or "").strip()]
-    if len(rated) < 2:
-        return None, "fewer_than_two_rated"
+    return [c for c in row["completions"] if c.get("score") is not None and (c.get("text") or "").strip()]
+
+
+def _chosen(row: dict, rated: list[dict], seed: int) -> tuple[dict, random.Random]:
+    """The best-rated completion (a seeded pick among ties) and the prompt's generator, drawn on."""
     rng = _rng(seed, str(row["prompt_id"]))
     best = max(c["score"] for c in rated)
-    chosen = rng.choice([c for c in rated if c["score"] == best])
+    return rng.choice([c for c in rated if c["score"] == best]), rng
+
+
+def binarize_row(row: dict, rule: Rejection, seed: int) -> tuple[dict | None, str | None]:
+    """One preference row from one rated prompt, or (None, reason it was dropped)."""
+    if rule is Rejection.ALL:
+        raise ValueError("rejection all makes several pairs of a prompt: use pairs_of_row")
+    rated = _rated(row)
+    if len(rated) < 2:
+        return None, "fewer_than_two_rated"
+    chosen, rng = _chosen(row, rated, seed)
     others = [c for c in rated if c is not chosen]
     if rule is Rejection.RANDOM:
         rejected = rng.choice(others)
@@ -47,11 +61,29 @@ def binarize_row(row: dict, rule: Rejection, seed: int) -> tuple[dict | None, st
             return None, "all_tied"
         worst = min(c["score"] for c in lower)
         rejected = rng.choice(lower if rule is Rejection.RANDOM_LOWER else [c for c in lower if c["score"] == worst])
+    return _pair(row, chosen, rejected), None
+
+
+def pairs_of_row(row: dict, rule: Rejection, seed: int) -> tuple[list[dict], str | None]:
+    """A rated prompt's preference rows (one, or with `all` one per strictly lower-rated completion,
+    in the completions' order), or ([], the reason it gave none)."""
+    if rule is not Rejection.ALL:
+        pair, reason = binarize_row(row, rule, seed)
+        return ([pair] if pair else []), reason
+    rated = _rated(row)
+    if len(rated) < 2:
+        return [], "fewer_than_two_rated"
+    chosen, _ = _chosen(row, rated, seed)
+    lower = [c for c in rated if c["score"] < chosen["score"]]
+    return [_pair(row, chosen, c) for c in lower], (None if lower else "all_tied")
+
+
+def _pair(row: dict, chosen: dict, rejected: dict) -> dict:
     return {"prompt_id": row["prompt_id"], "prompt": row["prompt"],
             "chosen": [{"role": "assistant", "content": chosen["text"]}],
             "rejected": [{"role": "assistant", "content": rejected["text"]}],
             "score_chosen": chosen["score"], "score_rejected": rejected["score"],
-            "chosen_model": chosen.get("model"), "rejected_model": rejected.get("model")}, None
+            "chosen_model": chosen.get("model"), "rejected_model": rejected.get("model")}
 
 
 def split_of(prompt_id: str, test_fraction: float, dev_fraction: float, seed: int) -> str:
@@ -66,11 +98,11 @@ def binarize(rows: list[dict], rule: Rejection, seed: int, test_fraction: float,
     """The pairs by split (train, test, dev) and the rows dropped, by reason."""
     splits, dropped = {"train": [], "test": [], "dev": []}, Counter()
     for row in rows:
-        pair, reason = binarize_row(row, rule, seed)
-        if pair is None:
+        pairs, reason = pairs_of_row(row, rule, seed)
+        if not pairs:
             dropped[reason] += 1
         else:
-            splits[split_of(str(row["prompt_id"]), test_fraction, dev_fraction, seed)].append(pair)
+            splits[split_of(str(row["prompt_id"]), test_fraction, dev_fraction, seed)].extend(pairs)
     return splits, dropped
 
 
@@ -96,6 +128,7 @@ def stage(recipe, out, inputs: dict) -> dict:
     every = [r for rows in splits.values() for r in rows]
     differ = sum(r["score_chosen"] > r["score_rejected"] for r in every)
     facts = {"seeds": {"picks_and_split": cfg.seed}, "rows": {"kept": len(every), "dropped": dict(dropped)},
+             "prompts_with_pairs": len({r["prompt_id"] for r in every}),
              **{split: len(rows) for split, rows in splits.items()}, "share_scores_differ": differ / max(1, len(every))}
     if cfg.held_out is not None:
         facts["test"] = read_source(cfg.held_out, read_preferences, out / "test.jsonl")

@@ -394,7 +394,9 @@ class RatingConfig(Strict):
 
 class PairsConfig(Strict):
     rejection: Rejection = Rejection.RANDOM
-    """How the rejected completion is picked: random (the paper), random_lower or worst."""
+    """How the rejected completion is picked: random (the paper), random_lower, worst, or all (every
+    strictly lower-rated completion makes its own pair with the chosen; the manifest counts the
+    pairs and the prompts they came from)."""
     test_fraction: float = Field(0.1, ge=0, lt=1)
     """Share of prompts held out as the test split."""
     dev_fraction: float = Field(0.1, ge=0, lt=1)
@@ -471,6 +473,16 @@ class DPOVariant(Strict):
     method: Literal["dpo", "sft"] = "dpo"
     """dpo: DPO on the pairs; sft: SFT (the sft section's settings) on the pairs' chosen answers
     only, the paper's dSFT-2 row, with the variant's start as the reference of its reward accuracy."""
+    loss: PreferenceLoss | None = None
+    """This variant's preference loss (dpo.loss's values: sigmoid, ipo, hinge, sigmoid_norm, simpo,
+    orpo); None: dpo.loss. Left out of the config (and its hash) when None."""
+
+    @model_serializer(mode="wrap")
+    def _loss_when_set(self, handler):
+        dumped = handler(self)
+        if self.loss is None:
+            dumped.pop("loss", None)
+        return dumped
 
 
 def _default_variants() -> list[DPOVariant]:

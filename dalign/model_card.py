@@ -59,7 +59,8 @@ def training_config(name: str, config: dict) -> dict:
     if variant.get("method") == "sft":
         return {**config["sft"], "epochs": variant["epochs"], "seed": config["dpo"]["seed"],
                 "learning_rate": variant.get("learning_rate") or config["sft"]["learning_rate"]}
-    return {**config["dpo"], **{k: variant[k] for k in ("epochs", "learning_rate", "beta") if variant.get(k) is not None}}
+    return {**config["dpo"], **{k: variant[k] for k in ("epochs", "learning_rate", "beta", "loss", "simpo_gamma")
+                                if variant.get(k) is not None}}
 
 
 def start_of(recipe, name: str, manifest: dict, stages: dict) -> tuple[str | None, str, str | None]:
@@ -88,6 +89,8 @@ def method_text(name: str, manifest: dict, config: dict) -> str:
         data = "the teacher's dialogues" if kind == "sft" else "the chosen answers of the preference pairs (dSFT-2)"
         replay = f", {config['replay_ratio']:g} of the sequences replaying pretraining text" if config.get("replay_ratio") else ""
         return f"distilled supervised fine-tuning (dSFT) on {data}, loss on the assistant turns{replay}"
+    if config["loss"] in ("simpo", "orpo"):  # dalign.losses.PreferenceLoss.needs_reference
+        return f"preference optimisation with the reference-free {config['loss']} loss on AI-feedback preference pairs"
     return (f"distilled direct preference optimisation (dDPO, {config['loss']} loss) on AI-feedback preference pairs, "
             "the starting model as the frozen reference")
 

@@ -93,7 +93,7 @@ def aggregate(root: Path, runs: list[Path] | None = None) -> dict:
     for label in labels:  # dDPO from dSFT at the recipe's learning rate and beta: the epochs curve
         variant = (models[label]["manifest"] or {}).get("config", {}).get("variant", {})
         if label.startswith("dpo-") and variant.get("start") == "sft" and variant.get("method", "dpo") == "dpo" \
-                and variant.get("learning_rate") is None and variant.get("beta") is None:
+                and variant.get("learning_rate") is None and variant.get("beta") is None and variant.get("loss") is None:
             means = [epoch_means(run / label) for run in runs]
             longest = max(len(m["rewards/accuracy"]) for m in means)
             by_epoch = {k: [spread([m[k][i] for m in means if i < len(m[k])]) for i in range(longest)] for k in EPOCH_KEYS}
@@ -132,9 +132,10 @@ def _row_kind(label: str, manifest: dict | None) -> str | None:
         return label
     if variant.get("method") == "sft":
         return "sft2"
+    plain = variant.get("learning_rate") is None and variant.get("loss") in (None, "sigmoid")
     if variant.get("start") in ("start", "base"):
-        return "no_sft"
-    return "dpo" if variant.get("epochs") == 1 and variant.get("learning_rate") is None else None
+        return "no_sft" if variant.get("loss") in (None, "sigmoid") else None
+    return "dpo" if variant.get("epochs") == 1 and plain else None
 
 
 def _paper_rows(models: dict) -> dict[str, str]:

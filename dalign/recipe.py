@@ -17,6 +17,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from dalign.config import (BaseConfig, CompletionsConfig, ConfigError, DialoguesConfig, DPOConfig, DPOVariant,
                            EvalConfig, ModelShape, PairsConfig, RatingConfig, RolesConfig, SFTConfig, Strict,
                            _default_variants)
+from dalign.losses import PreferenceLoss
 
 
 class StartModel(Strict):
@@ -136,7 +137,7 @@ class RecipeConfig(Strict):
 
     def dpo_for(self, variant: DPOVariant) -> DPOConfig:
         """The dDPO config one variant trains with: its epochs, learning rate and beta, else the dpo section's."""
-        own = {k: getattr(variant, k) for k in ("epochs", "learning_rate", "beta") if getattr(variant, k) is not None}
+        own = {k: getattr(variant, k) for k in ("epochs", "learning_rate", "beta", "loss") if getattr(variant, k) is not None}
         return self.dpo.model_copy(update=own)
 
     @model_validator(mode="after")
@@ -170,6 +171,11 @@ def check_sources(r: "RecipeConfig") -> None:
             _refuse(key, "'base' is the world's pretrained model, and this recipe starts from a model: use 'start'")
         if ref == "sft" and not sft:
             _refuse(key, "'sft' names this run's dSFT model, but skip has sft")
+    for i, v in enumerate(r.variants):
+        if v.loss is PreferenceLoss.ORPO and r.dpo.chosen_nll:
+            _refuse(f"variants[{i}].loss", "orpo's loss already holds the chosen answer's NLL; set dpo.chosen_nll: 0")
+        if v.loss is not None and v.method == "sft":
+            _refuse(f"variants[{i}].loss", "a variant of method sft trains no preference loss")
     if r.students and not r.world_start:
         _refuse("students", "a student is pretrained on the world's corpus: students need start: world")
     if len(set(r.seeds)) != len(r.seeds):

@@ -39,10 +39,16 @@ def _alignment(label: str, manifest: dict | None) -> str:
     epochs = f"{variant['epochs']:g} epoch{'s' if variant['epochs'] != 1 else ''}"
     if variant.get("method") == "sft":
         return f"dSFT-2: dSFT + SFT on the pairs' chosen answers ({epochs})"
+    method = LOSS_NAMES.get(variant.get("loss") or manifest["config"]["dpo"].get("loss"), "dDPO")
     if variant["start"] == "sft":
-        return f"dSFT + dDPO ({epochs})"
+        return f"dSFT + {method} ({epochs})"
     start = "starting model" if "start" in manifest["config"] else "base model"  # a world start has no `start` key
-    return f"dDPO on the {start}, no SFT ({epochs})"
+    return f"{method} on the {start}, no SFT ({epochs})"
+
+
+# How the report names a preference loss (dalign.losses); DPO's own sigmoid is the paper's dDPO.
+LOSS_NAMES = {"sigmoid": "dDPO", "ipo": "IPO", "hinge": "hinge DPO", "sigmoid_norm": "length-normalized dDPO",
+              "simpo": "SimPO", "orpo": "ORPO"}
 
 
 def run_rows(run: Path) -> tuple[list[dict], dict]:

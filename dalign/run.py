@@ -19,6 +19,7 @@ from dalign.cards import write_cards
 from dalign.config import ConfigError
 from dalign.console import stage_summary
 from dalign.lock import RunLock
+from dalign.losses import PreferenceLoss
 from dalign.manifest import Stage
 from dalign.parallel import barrier, is_main, launched_processes
 from dalign.recipe import RecipeConfig
@@ -65,6 +66,8 @@ def plan(recipe: RecipeConfig) -> dict[str, tuple[tuple[str, ...], dict]]:
     for v in recipe.variants:
         dpo_names.append(f"dpo-{v.name}")
         variant = {**v.model_dump(), "epochs": recipe.dpo_for(v).epochs}
+        if v.loss is PreferenceLoss.SIMPO:  # the dpo section's dump has gamma only when its own loss is simpo
+            variant["simpo_gamma"] = recipe.dpo.simpo_gamma
         from_sft, sft_method = v.start == "sft", v.method == "sft"
         reads = (origin if sft_method or not from_sft else ()) + (("sft",) if from_sft else ()) + ("pairs",)
         if sft_method:  # dSFT-2 trains with the sft section; of dpo's it reads only the seed (epochs: the variant's)

@@ -85,3 +85,21 @@ def test_a_dev_split_comes_out_of_training_and_leaves_the_test_split_as_it_was()
     assert ids["test"] == {r["prompt_id"] for r in without["test"]}
     assert 30 <= len(ids["dev"]) <= 90 and not ids["dev"] & ids["test"] and not ids["dev"] & ids["train"]
     assert ids["train"] | ids["dev"] == {r["prompt_id"] for r in without["train"]}
+
+
+def test_rejection_all_pairs_the_chosen_with_every_lower_rated_completion():
+    from dalign.binarize import pairs_of_row
+
+    row = rated("p", [2.0, 4.5, 3.0, 4.5, 1.0])
+    pairs, reason = pairs_of_row(row, Rejection.ALL, 0)
+    chosen, _ = binarize_row(row, Rejection.WORST, 0)  # the same seeded pick of the chosen among the 4.5s
+    assert reason is None and [p["score_rejected"] for p in pairs] == [2.0, 3.0, 1.0]  # not the tied 4.5
+    assert {p["chosen"][0]["content"] for p in pairs} == {chosen["chosen"][0]["content"]}
+    assert pairs_of_row(rated("q", [3.0, 3.0]), Rejection.ALL, 0) == ([], "all_tied")
+    rows = [rated(f"p{i}", [1.0, 2.0, 3.0, 4.0]) for i in range(40)]
+    splits, dropped = binarize(rows, Rejection.ALL, seed=7, test_fraction=0.25)
+    assert sum(map(len, splits.values())) == 3 * 40 and not dropped
+    by_split = {s: {p["prompt_id"] for p in pairs} for s, pairs in splits.items()}
+    assert not by_split["train"] & by_split["test"]  # a prompt's pairs stay together
+    with pytest.raises(ValueError, match="pairs_of_row"):
+        binarize_row(row, Rejection.ALL, 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -162,3 +163,18 @@ def test_every_field_has_a_description():
     for cls in (TeacherConfig, ModelShape, TrainConfig, BaseConfig, DialoguesConfig, SFTConfig, EvalConfig, RoleSpec,
                 TeacherRole, MemberConfig, StartModel, DryRunConfig):
         assert all((info.description or "").strip() for info in cls.model_fields.values()), cls.__name__
+
+
+def test_a_variant_names_its_loss_and_only_where_it_means_something():
+    from dalign.run import plan
+
+    recipe = load_recipe(None, ["variants=[{name: dpo, epochs: 1}, {name: simpo, loss: simpo}, {name: orpo, loss: orpo, start: base}]",
+                                "dpo.simpo_gamma=0.8"])
+    assert [recipe.dpo_for(v).loss.value for v in recipe.variants] == ["sigmoid", "simpo", "orpo"]
+    stages = plan(recipe)
+    assert "loss" not in stages["dpo-dpo"][1]["variant"]  # a variant without its own loss keeps its config hash
+    assert stages["dpo-simpo"][1]["variant"]["simpo_gamma"] == 0.8  # gamma enters where simpo reads it
+    for bad, key in (("variants=[{name: o, loss: orpo}]", "variants[0].loss"),
+                     ("variants=[{name: s, method: sft, loss: simpo}]", "variants[0].loss")):
+        with pytest.raises(ConfigError, match=re.escape(key)):
+            load_recipe(None, [bad, "dpo.chosen_nll=0.5"])
