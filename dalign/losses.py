@@ -69,3 +69,25 @@ def preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, 
             - (policy_rejected - torch.log1p(-torch.exp(policy_rejected)))
         losses = -policy_chosen - beta * F.logsigmoid(log_odds)
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+
+
+def kto_reference_point(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor) -> torch.Tensor:
+    """KTO's reference point z0 (Ethayarajh et al.): the batch's mean KL estimate, policy against
+    reference log-probs of mismatched (prompt, completion) rows, floored at 0 and detached (no
+    gradient flows through it, as in TRL's KTOTrainer). Worked by hand: policy -10 and -12,
+    reference -11 and -12: mean(1, 0) = 0.5; policy -12 and -12, reference -10 and -11: 0."""
+    return (policy_kl_logps - ref_kl_logps).mean().clamp(min=0).detach()
+
+
+def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor, reference_point: torch.Tensor,
+             beta: float, desirable_weight: float = 1.0, undesirable_weight: float = 1.0
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row KTO losses and rewards of unpaired rows (each (B,); `desirable` a bool mask).
+    A desirable row: w_d * (1 - sigmoid(beta * (r - z0))); an undesirable one:
+    w_u * (1 - sigmoid(beta * (z0 - r))), with r = log pi - log ref and z0 the reference point.
+    Worked by hand, beta 0.1, z0 0.5: desirable r = 2: 1 - sigmoid(0.15) = 0.4625702;
+    undesirable r = -1, w_u 1.5: 1.5 * (1 - sigmoid(0.15)) = 0.6938552."""
+    ratio = policy_logps - ref_logps
+    losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (ratio - reference_point))),
+                         undesirable_weight * (1 - torch.sigmoid(beta * (reference_point - ratio))))
+    return losses, beta * ratio.detach()

@@ -84,3 +84,18 @@ def test_orpo_matches_hand_computed_values():
     pc = torch.tensor([-1.0], requires_grad=True)
     preference_loss(pc, torch.tensor([-2.0]), torch.zeros(1), torch.zeros(1), 0.1, PreferenceLoss.ORPO)[0].sum().backward()
     assert pc.grad.item() < -1.0  # the NLL's -1, and the odds-ratio term pushes the chosen up too
+
+
+def test_kto_matches_hand_computed_values():
+    from dalign.losses import kto_loss, kto_reference_point
+
+    z0 = kto_reference_point(torch.tensor([-10.0, -12.0]), torch.tensor([-11.0, -12.0]))
+    assert z0.item() == pytest.approx(0.5)
+    assert kto_reference_point(torch.tensor([-12.0, -12.0]), torch.tensor([-10.0, -11.0])).item() == 0.0  # floored
+    losses, rewards = kto_loss(torch.tensor([-10.0, -12.0]), torch.tensor([-12.0, -11.0]), torch.tensor([True, False]),
+                               z0, beta=0.1, undesirable_weight=1.5)
+    assert torch.allclose(losses, torch.tensor([0.4625702, 0.6938552]), atol=1e-6)
+    assert torch.allclose(rewards, torch.tensor([0.2, -0.1]))
+    pc = torch.tensor([-10.0, -12.0], requires_grad=True)
+    kto_loss(pc, torch.tensor([-12.0, -11.0]), torch.tensor([True, False]), z0, 0.1)[0].sum().backward()
+    assert pc.grad[0] < 0 < pc.grad[1]  # the desirable row's log-prob pushed up, the undesirable one's down
