@@ -64,13 +64,19 @@ def outcome(model_first: str, model_second: str) -> float:
 
 
 def length_controlled(outcomes: Sequence[float], length_diffs: Sequence[float], steps: int = 500) -> float:
-    """Win rate at zero length difference under a logistic fit on tanh(standardised difference)."""
+    """Win rate at zero length difference under a logistic fit on tanh(standardised difference).
+
+    Every comparison with one outcome (a model that loses all of them, say) has no finite fit: the
+    rate is that outcome. The logistic is written with tanh, which cannot overflow where a fit
+    runs far out (math.exp did, at a model that lost every comparison in the ablation)."""
     y = np.asarray(outcomes, dtype=float)
+    if y.min() == y.max():
+        return float(y[0])
     d = np.asarray(length_diffs, dtype=float)
     x = np.tanh(d / (d.std() or 1.0))
     theta = np.zeros(2)
     for _ in range(steps):  # Newton's method on the (soft-label) logistic likelihood
-        p = 1 / (1 + np.exp(-(theta[0] + theta[1] * x)))
+        p = 0.5 * (1 + np.tanh((theta[0] + theta[1] * x) / 2))
         grad = np.array([(y - p).sum(), ((y - p) * x).sum()])
         w = p * (1 - p) + 1e-9
         hess = np.array([[w.sum(), (w * x).sum()], [(w * x).sum(), (w * x * x).sum()]]) + 1e-6 * np.eye(2)
@@ -78,7 +84,7 @@ def length_controlled(outcomes: Sequence[float], length_diffs: Sequence[float], 
         theta += step
         if np.abs(step).max() < 1e-10:
             break
-    return float(1 / (1 + math.exp(-theta[0])))
+    return float(0.5 * (1 + math.tanh(theta[0] / 2)))
 
 
 def _verdicts(judge: Backend, requests: list[list[dict]], retries: int) -> tuple[list, list, int]:

@@ -1,5 +1,7 @@
 """Win rate: both orders judged, position bias turned into ties, length control."""
 
+import math
+
 import pytest
 
 from dalign.backends import Sampling
@@ -85,3 +87,15 @@ def test_an_unparseable_verdict_is_asked_again_then_counted_with_its_raw_reply()
     never = win_rate(QUESTIONS[:4], RIGHT[:4], WRONG[:4], GarblesFirstTries(good_from=9), retries=2)
     assert never["judge_failures"] == 4 and never["items"] == [] and never["win_rate"] != never["win_rate"]  # nan
     assert never["failed"][0]["raw"] == ["Both are fine, I think."] * 2
+
+
+def test_the_length_controlled_rate_of_a_model_that_loses_or_wins_everything():
+    """No finite logistic fit exists: the rate is the one outcome (the ablation's fit overflowed here)."""
+    diffs = [float(i) for i in range(-20, 20)]
+    assert length_controlled([0.0] * 40, diffs) == 0.0
+    assert length_controlled([1.0] * 40, diffs) == 1.0
+    separated = [1.0 if d > 0 else 0.0 for d in diffs]  # wins exactly where it is longer: the fit runs off
+    rate = length_controlled(separated, diffs)
+    assert 0.0 <= rate <= 1.0 and math.isfinite(rate)
+    one_tie = [0.0] * 39 + [0.5]
+    assert 0.0 <= length_controlled(one_tie, diffs) < 0.05
