@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 from tqdm import tqdm
@@ -134,11 +135,13 @@ def rows_text(manifest: dict, reasons: bool = False) -> str:
     return f"{rows['kept']} rows kept, {n} dropped{why}"
 
 
-def manifest_seconds(manifest: dict) -> float | None:
+def manifest_seconds(manifest: dict | None) -> float | None:
     """Wall time from a manifest's started and finished stamps (second resolution). A resumed
     stage counts from its first start."""
     fmt = "%Y-%m-%dT%H:%M:%S"
+    if not manifest:
+        return None
     try:
-        return time.mktime(time.strptime(manifest["finished"], fmt)) - time.mktime(time.strptime(manifest["started"], fmt))
+        return (datetime.strptime(manifest["finished"], fmt) - datetime.strptime(manifest["started"], fmt)).total_seconds()
     except (KeyError, ValueError):
         return None

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import json
 import statistics
-from datetime import datetime
 from pathlib import Path
 
 from dalign.charts import metrics as _metrics
+from dalign.console import manifest_seconds
 from dalign.charts import plt
 from dalign.page import to_html
 from dalign.report import _read
@@ -56,13 +56,6 @@ def _figures(result: dict) -> dict:
             **{f"cat:{c}": v["score"] for c, v in result.get("categories", {}).items()}}
 
 
-def _seconds(manifest: dict | None) -> float | None:
-    if not manifest or "started" not in manifest or "finished" not in manifest:
-        return None
-    fmt = "%Y-%m-%dT%H:%M:%S"
-    return (datetime.strptime(manifest["finished"], fmt) - datetime.strptime(manifest["started"], fmt)).total_seconds()
-
-
 EPOCH_KEYS = ("rewards/accuracy", "rewards/chosen", "rewards/rejected")
 
 
@@ -101,8 +94,8 @@ def aggregate(root: Path, runs: list[Path] | None = None) -> dict:
                           "train_accuracy_by_epoch": by_epoch["rewards/accuracy"], "train_by_epoch": by_epoch})
     stages = sorted({p.name for run in runs for p in run.iterdir() if (p / "manifest.json").exists()})
     shared = sorted(p.name for p in root.iterdir() if (p / "manifest.json").exists())
-    seconds = {s: sum(filter(None, (_seconds(_read(run / s / "manifest.json")) for run in runs))) for s in stages}
-    seconds.update({s: _seconds(_read(root / s / "manifest.json")) for s in shared})
+    seconds = {s: sum(filter(None, (manifest_seconds(_read(run / s / "manifest.json")) for run in runs))) for s in stages}
+    seconds.update({s: manifest_seconds(_read(root / s / "manifest.json")) for s in shared})
     seeds = [(_read(run / "evaluate" / "manifest.json") or {}).get("config", {}).get("evaluate", {}).get("seed")
              for run in runs]
     return {"seeds": [int(r.name.split("-", 1)[1]) if r.name.startswith("seed-") else s for r, s in zip(runs, seeds)],

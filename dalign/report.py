@@ -23,11 +23,6 @@ def _read(path: Path):
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _metrics(stage_dir: Path) -> list[dict]:
-    path = stage_dir / "metrics.jsonl"
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
-
-
 def _alignment(label: str, manifest: dict | None) -> str:
     if label == "base":
         return "none (base model)"

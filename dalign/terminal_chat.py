@@ -13,6 +13,7 @@ import sys
 import threading
 
 from dalign.chat import prompt_ids
+from dalign.console import quiet_libraries
 from dalign.models import ModelError, load_model, load_tokenizer
 
 COMMANDS = """  /reset        start the conversation again (the system prompt is kept)
@@ -52,10 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def chat(args: argparse.Namespace) -> int:
     import torch
-    from transformers.utils import logging
 
-    logging.set_verbosity_error()  # load and generate warnings are for developers, not for a chat
-    logging.disable_progress_bar()  # the "Loading weights" bars, and the hub's download bars with them
+    quiet_libraries()  # load and generate warnings and the "Loading weights" bars are not for a chat
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
     try:
