@@ -6,11 +6,14 @@ the paper's `random` (any other completion, ties included, for diversity), `rand
 strictly lower-rated completion, each its own pair with the same chosen: UltraFeedback's four
 completions give up to three pairs instead of one). Each prompt's choice is seeded by its id, so
 the result does not depend on order or on resumes; a prompt's pairs all go to its split.
+KTO's unpaired rows (prompt, completion, label) come from the pairs (`unpair`) or from every
+rated completion (`unpaired_of_row`), with the same split of prompts.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 from collections import Counter
 from enum import Enum
@@ -84,6 +87,36 @@ def _pair(row: dict, chosen: dict, rejected: dict) -> dict:
             "rejected": [{"role": "assistant", "content": rejected["text"]}],
             "score_chosen": chosen["score"], "score_rejected": rejected["score"],
             "chosen_model": chosen.get("model"), "rejected_model": rejected.get("model")}
+
+
+def unpaired_of_row(row: dict, desirable_score: float) -> list[dict]:
+    """Every rated completion of a prompt as an unpaired (KTO) row: desirable when its score is at
+    least `desirable_score`. A prompt with one rated completion still gives its row."""
+    return [{"prompt_id": row["prompt_id"], "prompt": row["prompt"],
+             "completion": [{"role": "assistant", "content": c["text"]}], "label": c["score"] >= desirable_score,
+             "score": c["score"], "model": c.get("model")} for c in _rated(row)]
+
+
+def unpaired_training_rows(rated: list[dict], desirable_score: float, cfg) -> list[dict]:
+    """The unpaired rows of the prompts the pairs train on (`cfg`: the pairs section, whose split
+    of prompts they keep: a held-out prompt stays held out)."""
+    return [unpaired for row in rated if split_of(str(row["prompt_id"]), cfg.test_fraction, cfg.dev_fraction,
+                                                  cfg.seed) == "train" for unpaired in unpaired_of_row(row, desirable_score)]
+
+
+def unpair(pairs: list[dict]) -> list[dict]:
+    """Preference rows as unpaired rows, as TRL's unpair_preference_dataset: each pair's chosen answer
+    desirable, its rejected one undesirable. A chosen answer shared by a prompt's pairs (rejection
+    all) gives one row."""
+    rows, seen = [], set()
+    for pair in pairs:
+        for side, label in (("chosen", True), ("rejected", False)):
+            key = (str(pair.get("prompt_id")), json.dumps(pair["prompt"]), json.dumps(pair[side]), label)
+            if key not in seen:
+                seen.add(key)
+                rows.append({"prompt_id": pair.get("prompt_id"), "prompt": pair["prompt"], "completion": pair[side],
+                             "label": label, "score": pair.get(f"score_{side}"), "model": pair.get(f"{side}_model")})
+    return rows
 
 
 def split_of(prompt_id: str, test_fraction: float, dev_fraction: float, seed: int) -> str:

@@ -417,10 +417,16 @@ class DPOConfig(TrainConfig):
     """Strength of the pull towards the reference model (the paper: 0.1)."""
     loss: PreferenceLoss = PreferenceLoss.SIGMOID
     """sigmoid (DPO), ipo, hinge, sigmoid_norm (length-normalized DPO), simpo or orpo (these two
-    reference-free: no reference pass; beta is SimPO's beta, ORPO's lambda); dalign.losses."""
+    reference-free: no reference pass; beta is SimPO's beta, ORPO's lambda), or kto (unpaired rows,
+    see kto_desirable_weight); dalign.losses."""
     simpo_gamma: float = Field(0.5, ge=0)
     """SimPO's target reward margin gamma (read by loss simpo only, and only then in the config
     hash: the other losses' stages keep theirs)."""
+    kto_desirable_weight: float = Field(1.0, gt=0)
+    """KTO's weight on the desirable rows' losses (read by loss kto only, and only then in the hash)."""
+    kto_undesirable_weight: float = Field(1.0, gt=0)
+    """KTO's weight on the undesirable rows' losses; the KTO paper asks for weights such that
+    desirable_weight * desirable rows / (undesirable_weight * undesirable rows) is in [1, 4/3]."""
     chosen_nll: float = Field(0.0, ge=0)
     """Weight of an added NLL term on the chosen answer (RPO); 0 is plain DPO, the paper's. The
     term keeps the chosen log-probs from falling, but it is also supervised training on the
@@ -452,6 +458,9 @@ class DPOConfig(TrainConfig):
         dumped = handler(self)
         if self.loss is not PreferenceLoss.SIMPO:
             dumped.pop("simpo_gamma", None)
+        if self.loss is not PreferenceLoss.KTO:
+            dumped.pop("kto_desirable_weight", None)
+            dumped.pop("kto_undesirable_weight", None)
         return dumped
 
 
@@ -475,13 +484,31 @@ class DPOVariant(Strict):
     only, the paper's dSFT-2 row, with the variant's start as the reference of its reward accuracy."""
     loss: PreferenceLoss | None = None
     """This variant's preference loss (dpo.loss's values: sigmoid, ipo, hinge, sigmoid_norm, simpo,
-    orpo); None: dpo.loss. Left out of the config (and its hash) when None."""
+    orpo, kto); None: dpo.loss. Left out of the config (and its hash) when None."""
+    rows: Literal["pairs", "ratings"] = "pairs"
+    """What a KTO variant learns from: 'pairs' (each training pair split into its chosen answer,
+    desirable, and its rejected one, undesirable) or 'ratings' (every rated completion of the
+    training prompts, desirable when its score is at least `desirable_score`, written to the stage's
+    unpaired.jsonl). The pairwise losses read pairs only. Left out of the hash when 'pairs'."""
+    desirable_score: float | None = None
+    """The score from which a rated completion is desirable (rows: ratings; required there, and
+    refused otherwise). Left out of the hash when None."""
+    sft_data: bool = False
+    """ORPO only: train on the dSFT data too (the dialogues, and on the world the sft section's
+    replay of pretraining text), each sequence adding its mean NLL beside the pairs' ORPO loss: one
+    stage in place of dSFT and dDPO, as ORPO is meant to run. Left out of the hash when false."""
+    reference: str | None = Field(None, pattern="^(sft|start|base)$")
+    """The frozen reference when it is not the variant's start (as TRL's ref_model apart from its
+    model): 'sft', 'start' or 'base', as `start`; None: the start. Refused for the reference-free
+    losses (simpo, orpo). Left out of the hash when None."""
 
     @model_serializer(mode="wrap")
     def _loss_when_set(self, handler):
         dumped = handler(self)
-        if self.loss is None:
-            dumped.pop("loss", None)
+        for key, default in (("loss", None), ("rows", "pairs"), ("desirable_score", None), ("sft_data", False),
+                             ("reference", None)):
+            if dumped.get(key) == default:
+                dumped.pop(key, None)
         return dumped
 
 

@@ -177,6 +177,19 @@ def validate_preference(row: dict) -> None:
                                field=f"{key}[{i}].role")
 
 
+def validate_unpaired(row: dict) -> None:
+    """Raise RowError if ``row`` is not a valid unpaired row (prompt/completion/label, TRL's KTO format)."""
+    _check_row_is_dict(row)
+    _check_conversation(_check_list(row, "prompt"), "prompt", ("user",))
+    for i, msg in enumerate(_check_list(row, "completion")):
+        if (role := _check_message(msg, f"completion[{i}]")) != "assistant":
+            raise RowError(f"completion holds only assistant messages, got {role!r}", reason="bad_order",
+                           field=f"completion[{i}].role")
+    if not isinstance(row.get("label"), bool):
+        raise RowError(f"label is {_type_name(row.get('label'))}, expected true or false", field="label",
+                       reason="missing_field" if "label" not in row else "wrong_type")
+
+
 @dataclasses.dataclass
 class ReadReport:
     """What a read kept and dropped, for manifests and logs."""

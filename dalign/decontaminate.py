@@ -206,6 +206,11 @@ def preference_texts(row: dict) -> list[str]:
     return [m["content"] for key in ("prompt", "chosen", "rejected") for m in row[key]]
 
 
+def unpaired_texts(row: dict) -> list[str]:
+    """The prompt's messages and the completion of an unpaired row {prompt, completion, label}."""
+    return [m["content"] for key in ("prompt", "completion") for m in row[key]]
+
+
 def prompt_texts(row: dict) -> list[str]:
     """The messages of a prompt row {prompt_id, prompt}, or the prompt alone of a preference row."""
     return [m["content"] for m in row["prompt"]]

@@ -1,4 +1,5 @@
-"""Stage 2b: distilled DPO on preference pairs, the dSFT model as frozen reference.
+"""Stage 2b: distilled DPO on preference pairs, the dSFT model as frozen reference (or a variant:
+another preference loss, dalign.losses; KTO on unpaired rows, dalign.kto; SFT on the chosen answers).
 
 The loop is the shared one (`dalign.train.train`) with a preference objective. Reference
 log-probs are computed once, before training, and stored with a hash of the reference
@@ -21,7 +22,7 @@ from transformers import AutoTokenizer
 from dalign.chat import IGNORE, TemplateError, prompt_ids, tokenize_dialogue
 from dalign import adapters
 from dalign.config import DPOConfig
-from dalign.data import read_rows, validate_preference, write_json
+from dalign.data import read_rows, validate_preference, validate_unpaired, write_json
 from dalign.models import load_weights
 from dalign.losses import PreferenceLoss, preference_loss
 from dalign.packed import collate_packed_pairs, packed_attention, packed_token_logps
@@ -35,6 +36,19 @@ class Pair:
     rejected: Example
     ref_chosen: float = 0.0
     ref_rejected: float = 0.0
+    nll_only: bool = False  # a dSFT sequence beside ORPO's pairs (nll_rows): `chosen` alone counts
+
+
+def nll_rows(examples: list[Example]) -> list[Pair]:
+    """dSFT sequences as rows whose only loss is the NLL of their labelled tokens (ORPO trained on
+    the dSFT data and the pairs at once). The `rejected` side is a stub, the sequence up to its
+    first labelled token: the packed batch scores it, the objective never reads it."""
+    rows = []
+    for ex in examples:  # a replayed text is labelled from its first token, which nothing predicts
+        head = next(k for k, t in enumerate(ex.labels) if t != IGNORE and k > 0)
+        own = Example(ex.input_ids, [IGNORE] * head + ex.labels[head:])
+        rows.append(Pair(own, Example(ex.input_ids[:head + 1], own.labels[:head + 1]), nll_only=True))
+    return rows
 
 
 def completion_example(tokenizer, prompt: list[dict], completion: list[dict]) -> Example:
@@ -64,6 +78,7 @@ def collate_pairs(pairs: list[Pair], pad_id: int) -> dict:
     batch = collate([[p.chosen] for p in pairs] + [[p.rejected] for p in pairs], pad_id)
     batch["ref_chosen"] = torch.tensor([p.ref_chosen for p in pairs], dtype=torch.float64)
     batch["ref_rejected"] = torch.tensor([p.ref_rejected for p in pairs], dtype=torch.float64)
+    batch["nll_only"] = torch.tensor([p.nll_only for p in pairs])
     return batch
 
 
@@ -106,7 +121,9 @@ def answer_tokens(batch: dict) -> torch.Tensor:
 
 
 class PreferenceObjective:
-    """The loop's objective for DPO and its variants: averaged over pairs.
+    """The loop's objective for DPO and its variants: averaged over pairs (and over the dSFT rows
+    ORPO may train on beside them, each its mean NLL; the log's per-row means then count those rows
+    too, and `pairs` gives the pairs' share).
 
     `chosen_nll` adds that weight times the chosen answer's mean token negative log-likelihood
     (as RPO does), which keeps the chosen log-probs from falling along with the rejected."""
@@ -120,18 +137,23 @@ class PreferenceObjective:
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         n = self.count(batch)
         logps = sequence_logps(model, batch, mean=self.variant.length_normalized)
-        chosen, rejected = logps[:n], logps[n:]
-        losses, r_chosen, r_rejected = preference_loss(chosen, rejected, batch["ref_chosen"].to(chosen.dtype),
-                                                       batch["ref_rejected"].to(chosen.dtype), self.beta, self.variant,
-                                                       self.gamma)
+        pair = ~batch["nll_only"].to(logps.device) if "nll_only" in batch \
+            else torch.ones(n, dtype=torch.bool, device=logps.device)
+        chosen, rejected = logps[:n][pair], logps[n:][pair]
+        losses, r_chosen, r_rejected = preference_loss(chosen, rejected, batch["ref_chosen"][pair].to(chosen.dtype),
+                                                       batch["ref_rejected"][pair].to(chosen.dtype), self.beta,
+                                                       self.variant, self.gamma)
         margin = r_chosen - r_rejected
         if self.chosen_nll:
-            n_tokens = answer_tokens(batch)[:n].clamp(min=1)
+            n_tokens = answer_tokens(batch)[:n][pair].clamp(min=1)
             mean_logps = chosen if self.variant.length_normalized else chosen / n_tokens
             losses = losses - self.chosen_nll * mean_logps
-        return losses.sum(), {"rewards/chosen": r_chosen.sum().item(), "rewards/rejected": r_rejected.sum().item(),
-                              "rewards/margin": margin.sum().item(), "rewards/accuracy": (margin > 0).sum().item(),
-                              "logps/chosen": chosen.detach().sum().item(), "logps/rejected": rejected.detach().sum().item()}
+        # A dSFT row's loss: the mean NLL of its labelled tokens (ORPO's logps are means), as ORPO's own.
+        total = losses.sum() - logps[:n][~pair].sum()
+        return total, {"rewards/chosen": r_chosen.sum().item(), "rewards/rejected": r_rejected.sum().item(),
+                       "rewards/margin": margin.sum().item(), "rewards/accuracy": (margin > 0).sum().item(),
+                       "logps/chosen": chosen.detach().sum().item(), "logps/rejected": rejected.detach().sum().item(),
+                       **({"pairs": int(pair.sum())} if not pair.all() else {})}
 
 
 def _file_hash(path: Path) -> str:
@@ -177,14 +199,28 @@ def reference_logps(reference_path: Path, pairs: list[Pair], pairs_path: Path, c
     return key
 
 
-def run_dpo(cfg: DPOConfig, policy_path: Path, reference_path: Path, pairs_path: Path, out: Path) -> dict:
+def run_dpo(cfg: DPOConfig, policy_path: Path, reference_path: Path, pairs_path: Path, out: Path,
+            sft_data: list[Example] | None = None) -> dict:
+    """DPO or one of its variants on the pairs of `pairs_path`; KTO (a loss that needs no pairs)
+    on the unpaired rows of that file (dalign.kto). `sft_data`: dSFT sequences ORPO trains on beside
+    the pairs, each with its NLL alone (nll_rows)."""
+    from dalign import kto  # it builds on this module
+
     adapters.check(cfg.lora, "dpo")
     tokenizer = AutoTokenizer.from_pretrained(policy_path)
-    rows = read_rows(pairs_path, validate=validate_preference)
     dropped: Counter = Counter()
-    pairs = make_pairs(rows, tokenizer, cfg.max_length, dropped)
+    if cfg.loss.needs_pairs:
+        pairs = make_pairs(read_rows(pairs_path, validate=validate_preference), tokenizer, cfg.max_length, dropped)
+        objective = PreferenceObjective(cfg.beta, cfg.loss, cfg.chosen_nll, cfg.simpo_gamma)
+    else:
+        pairs = kto.make_rows(read_rows(pairs_path, validate=validate_unpaired), tokenizer, cfg.max_length, dropped,
+                              cfg.seed)
+        objective = kto.KTOObjective(cfg.beta, cfg.kto_desirable_weight, cfg.kto_undesirable_weight)
     if not pairs:
         raise ValueError(f"{pairs_path}: no preference pair left to train on (dropped: {dict(dropped)})")
+    n_pairs = len(pairs)
+    if sft_data:
+        pairs += nll_rows(sft_data)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.lora is not None and Path(reference_path).resolve() != Path(policy_path).resolve():
         raise ValueError("with LoRA the reference is the starting model with its adapters off: "
@@ -196,12 +232,16 @@ def run_dpo(cfg: DPOConfig, policy_path: Path, reference_path: Path, pairs_path:
                                   tokenizer.pad_token_id, adapted=model if cfg.lora is not None else None)
     model.train()
     collate_fn = collate_packed_pairs if cfg.packed else lambda chunk: collate_pairs(chunk, tokenizer.pad_token_id)
-    objective = PreferenceObjective(cfg.beta, cfg.loss, cfg.chosen_nll, cfg.simpo_gamma)
+    if not cfg.loss.needs_pairs:
+        collate_fn = kto.labelled(collate_fn)
     with packed_attention(model, cfg.packed):
         summary = train(model, pairs, collate_fn, cfg, out, objective=objective, desc="dpo",
                         export=adapters.exporter(policy_path, cfg.lora, out, tokenizer))
-    return {**summary, "rows": {"kept": len(pairs), "dropped": dict(dropped)}, "reference": str(reference_path),
-            "reference_logps_key": ref_key}
+    labels = {} if cfg.loss.needs_pairs else {"desirable_rows": sum(p.desirable for p in pairs)}
+    if sft_data:
+        labels["sft_rows"] = len(pairs) - n_pairs
+    return {**summary, "rows": {"kept": n_pairs, "dropped": dict(dropped)}, **labels,
+            "reference": str(reference_path), "reference_logps_key": ref_key}
 
 
 def chosen_dialogues(pairs_path: Path, out: Path) -> Path:
@@ -223,8 +263,15 @@ def stage(recipe, out: Path, inputs: dict[str, Path], variant_name: str) -> dict
     from dalign.sft import replay_and_tokenizer, run_sft
 
     variant = next(v for v in recipe.variants if v.name == variant_name)
-    start = Path(resolve(roles.models(recipe, inputs)["sft" if variant.start == "sft" else "start"]))
+    models = roles.models(recipe, inputs)
+    start, reference = (Path(resolve(models["sft" if name == "sft" else "start"]))
+                        for name in (variant.start, variant.reference or variant.start))
     cfg = recipe.dpo_for(variant)
+    if variant.rows == "ratings":  # KTO on every rated completion (recipe.check_variant)
+        rows, checked = decontaminate.decontaminated_file(recipe, rated_file(recipe, variant, inputs["ratings"], out),
+                                                          decontaminate.unpaired_texts, out)
+        return {"seeds": {"data_order": cfg.seed}, "start": variant.start, "rows_from": "ratings",
+                **run_dpo(cfg, start, reference, rows, out), "decontamination": checked}
     pairs, checked = decontaminate.decontaminated_file(recipe, inputs["pairs"] / "train.jsonl",
                                                        decontaminate.preference_texts, out)
     if variant.method == "sft":
@@ -235,5 +282,49 @@ def stage(recipe, out: Path, inputs: dict[str, Path], variant_name: str) -> dict
         facts = run_sft(sft, start, chosen_dialogues(pairs, out), out, replay, tokenizer)
         return {"seeds": {"data_order": sft.seed}, "start": variant.start, "method": "sft", "reference": str(start), **facts,
                 "decontamination": checked}
-    return {"seeds": {"data_order": cfg.seed}, "start": variant.start, **run_dpo(cfg, start, start, pairs, out),
-            "decontamination": checked}
+    if not cfg.loss.needs_pairs:  # KTO on the pairs: each side its own row
+        pairs = unpaired_file(pairs, out)
+    sft_data, sft_facts = (sft_rows(recipe, inputs, start, cfg.max_length, out) if variant.sft_data else (None, {}))
+    return {"seeds": {"data_order": cfg.seed}, "start": variant.start,
+            **run_dpo(cfg, start, reference, pairs, out, sft_data), **sft_facts, "decontamination": checked}
+
+
+def sft_rows(recipe, inputs: dict[str, Path], start: Path, max_length: int, out: Path) -> tuple[list[Example], dict]:
+    """The dSFT stage's data (its dialogues, decontaminated as it does, and its replay of pretraining
+    text on the world) as sequences for ORPO, and what was read and dropped."""
+    from dalign import decontaminate
+    from dalign.sft import replay_and_tokenizer, sft_examples
+
+    replay, tokenizer = replay_and_tokenizer(recipe, inputs, inputs["base"] if recipe.world_start else None)
+    dialogues, checked = decontaminate.decontaminated_file(recipe, inputs["dialogues"] / "dialogues.jsonl",
+                                                           decontaminate.dialogue_texts, out / "sft_data")
+    examples, n_replay, dropped, _ = sft_examples(recipe.sft, dialogues, tokenizer or AutoTokenizer.from_pretrained(start),
+                                                  replay, max_length)
+    return examples, {"sft_data": {"dialogues": len(examples) - n_replay, "replay": n_replay, "dropped": dict(dropped),
+                                   "decontamination": checked}}
+
+
+def unpaired_file(pairs_path: Path, out: Path) -> Path:
+    """The pairs as unpaired rows (dalign.binarize.unpair), written by rank 0 for every process."""
+    from dalign.binarize import unpair
+
+    return _written(out / "unpaired.jsonl", lambda: unpair(read_rows(pairs_path, validate=validate_preference)))
+
+
+def rated_file(recipe, variant, ratings: Path, out: Path) -> Path:
+    """Every rated completion of the training prompts as an unpaired row, labelled by the variant's
+    desirable_score (dalign.binarize.unpaired_training_rows), written by rank 0 for every process."""
+    from dalign.binarize import unpaired_training_rows
+
+    return _written(out / "unpaired.jsonl", lambda: unpaired_training_rows(
+        read_rows(ratings / "ratings.jsonl"), variant.desirable_score, recipe.pairs))
+
+
+def _written(path: Path, rows) -> Path:
+    from dalign.data import write_rows
+    from dalign.parallel import barrier, is_main
+
+    if is_main():
+        write_rows(path, rows())
+    barrier()
+    return path

@@ -28,6 +28,7 @@ class PreferenceLoss(str, Enum):
     SIGMOID_NORM = "sigmoid_norm"  # length-normalized DPO (Tülu 3; TRL's sigmoid_norm): DPO on mean log-probs
     SIMPO = "simpo"  # SimPO (Meng et al.): -log sigmoid(beta * (mean_w - mean_l) - gamma); no reference
     ORPO = "orpo"  # ORPO (Hong et al.): chosen NLL - beta * log sigmoid(log odds ratio); no reference
+    KTO = "kto"  # KTO (Ethayarajh et al.): unpaired desirable/undesirable rows against a reference point (kto_loss)
 
     @property
     def length_normalized(self) -> bool:
@@ -42,8 +43,9 @@ class PreferenceLoss(str, Enum):
 
     @property
     def needs_pairs(self) -> bool:
-        """Whether the loss is defined on (chosen, rejected) pairs of one prompt: all of these are."""
-        return True
+        """Whether the loss is defined on (chosen, rejected) pairs of one prompt (KTO is not: it reads
+        unpaired rows, each a completion labelled desirable or not)."""
+        return self is not PreferenceLoss.KTO
 
 
 def preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -51,6 +53,8 @@ def preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, 
                     gamma: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair losses, chosen rewards and rejected rewards (each shape (B,)). `gamma`: SimPO's
     target margin (read by SimPO only)."""
+    if not variant.needs_pairs:
+        raise ValueError(f"{variant.value} is not a pairwise loss: see kto_loss")
     if not variant.needs_reference:
         ref_chosen, ref_rejected = torch.zeros_like(policy_chosen), torch.zeros_like(policy_rejected)
     chosen_ratio = policy_chosen - ref_chosen

@@ -59,8 +59,8 @@ def training_config(name: str, config: dict) -> dict:
     if variant.get("method") == "sft":
         return {**config["sft"], "epochs": variant["epochs"], "seed": config["dpo"]["seed"],
                 "learning_rate": variant.get("learning_rate") or config["sft"]["learning_rate"]}
-    return {**config["dpo"], **{k: variant[k] for k in ("epochs", "learning_rate", "beta", "loss", "simpo_gamma")
-                                if variant.get(k) is not None}}
+    own = ("epochs", "learning_rate", "beta", "loss", "simpo_gamma", "kto_desirable_weight", "kto_undesirable_weight")
+    return {**config["dpo"], **{k: variant[k] for k in own if variant.get(k) is not None}}
 
 
 def start_of(recipe, name: str, manifest: dict, stages: dict) -> tuple[str | None, str, str | None]:
@@ -90,7 +90,11 @@ def method_text(name: str, manifest: dict, config: dict) -> str:
         replay = f", {config['replay_ratio']:g} of the sequences replaying pretraining text" if config.get("replay_ratio") else ""
         return f"distilled supervised fine-tuning (dSFT) on {data}, loss on the assistant turns{replay}"
     if config["loss"] in ("simpo", "orpo"):  # dalign.losses.PreferenceLoss.needs_reference
-        return f"preference optimisation with the reference-free {config['loss']} loss on AI-feedback preference pairs"
+        data = " and the dSFT data (its NLL alone)" if manifest["config"].get("variant", {}).get("sft_data") else ""
+        return f"preference optimisation with the reference-free {config['loss']} loss on AI-feedback preference pairs{data}"
+    if config["loss"] == "kto":  # dalign.losses.PreferenceLoss.needs_pairs
+        return ("KTO on unpaired AI-feedback completions labelled desirable or undesirable, the starting model as "
+                "the frozen reference")
     return (f"distilled direct preference optimisation (dDPO, {config['loss']} loss) on AI-feedback preference pairs, "
             "the starting model as the frozen reference")
 

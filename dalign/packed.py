@@ -172,7 +172,8 @@ def collate_packed_pairs(pairs) -> dict:
     return {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([pos]), "dalign_spans": spans,
             "predict_at": torch.tensor(at), "targets": torch.tensor(targets), "sequence": torch.tensor(seq),
             "ref_chosen": torch.tensor([p.ref_chosen for p in pairs], dtype=torch.float64),
-            "ref_rejected": torch.tensor([p.ref_rejected for p in pairs], dtype=torch.float64)}
+            "ref_rejected": torch.tensor([p.ref_rejected for p in pairs], dtype=torch.float64),
+            "nll_only": torch.tensor([p.nll_only for p in pairs])}
 
 
 def packed_logits(model, batch: dict, flex: bool | None = None) -> torch.Tensor:

@@ -146,6 +146,37 @@ class RecipeConfig(Strict):
         return self
 
 
+def check_variant(r: "RecipeConfig", v: DPOVariant, key: str) -> None:
+    """A variant's loss against its data and its reference, refused with the key to change."""
+    loss = v.loss or r.dpo.loss
+    if v.method == "sft":
+        for name, value in (("loss", v.loss), ("reference", v.reference), ("sft_data", v.sft_data or None)):
+            if value is not None:
+                _refuse(f"{key}.{name}", "a variant of method sft trains no preference loss")
+        return
+    if loss is PreferenceLoss.ORPO and r.dpo.chosen_nll:
+        _refuse(f"{key}.loss", "orpo's loss already holds the chosen answer's NLL; set dpo.chosen_nll: 0")
+    if loss is PreferenceLoss.KTO and r.dpo.chosen_nll:
+        _refuse(f"{key}.loss", "kto's objective has no chosen answer to add an NLL term to; set dpo.chosen_nll: 0")
+    if v.rows == "ratings" and loss.needs_pairs:
+        _refuse(f"{key}.rows", f"loss {loss.value} needs (chosen, rejected) pairs, and rows: ratings gives unpaired "
+                "rows (prompt, completion, label): use loss: kto, or rows: pairs")
+    if (v.rows == "ratings") != (v.desirable_score is not None):
+        _refuse(f"{key}.desirable_score", "rows: ratings labels each rated completion by its desirable_score: set "
+                "both, or neither")
+    if v.rows == "ratings" and r.pairs.source is not None:
+        _refuse(f"{key}.rows", "rows: ratings reads the AI-feedback ratings, and with pairs.source there are none")
+    if v.sft_data and loss is not PreferenceLoss.ORPO:
+        _refuse(f"{key}.sft_data", f"the dSFT data has no rejected answers: only orpo trains on it beside the pairs "
+                f"(this variant's loss is {loss.value})")
+    if v.sft_data and "sft" in r.skip:
+        _refuse(f"{key}.sft_data", "skip has sft: this run writes no dSFT dialogues")
+    if v.reference is not None and not loss.needs_reference:
+        _refuse(f"{key}.reference", f"loss {loss.value} is reference-free: it reads no reference model")
+    if v.reference not in (None, v.start) and r.dpo.lora is not None:
+        _refuse(f"{key}.reference", "with dpo.lora the reference is the start with its adapters off: leave it unset")
+
+
 def _model_refs(spec) -> list[tuple[str, str]]:
     """The model a role or member names, local or served, with its key."""
     return [("model", spec.model)] if spec.model else [("serve.model", spec.serve.model)] if spec.serve else []
@@ -163,6 +194,7 @@ def check_sources(r: "RecipeConfig") -> None:
     used = ["judge", "comparer"] + (["rater"] if feedback else [])
     used += ["teacher", "user_simulator"] if writes_dialogues else []
     refs = [(f"variants[{i}].start", v.start) for i, v in enumerate(r.variants)]
+    refs += [(f"variants[{i}].reference", v.reference) for i, v in enumerate(r.variants) if v.reference]
     refs += [(f"completions.members[{i}].{key}", ref) for i, m in enumerate(r.completions.members) if feedback
              for key, ref in _model_refs(m)]
     refs += [(f"roles.{k}.{key}", ref) for k in used for key, ref in _model_refs(getattr(r.roles, k))]
@@ -172,10 +204,7 @@ def check_sources(r: "RecipeConfig") -> None:
         if ref == "sft" and not sft:
             _refuse(key, "'sft' names this run's dSFT model, but skip has sft")
     for i, v in enumerate(r.variants):
-        if v.loss is PreferenceLoss.ORPO and r.dpo.chosen_nll:
-            _refuse(f"variants[{i}].loss", "orpo's loss already holds the chosen answer's NLL; set dpo.chosen_nll: 0")
-        if v.loss is not None and v.method == "sft":
-            _refuse(f"variants[{i}].loss", "a variant of method sft trains no preference loss")
+        check_variant(r, v, f"variants[{i}]")
     if r.students and not r.world_start:
         _refuse("students", "a student is pretrained on the world's corpus: students need start: world")
     if len(set(r.seeds)) != len(r.seeds):

@@ -35,15 +35,19 @@ def _alignment(label: str, manifest: dict | None) -> str:
     if variant.get("method") == "sft":
         return f"dSFT-2: dSFT + SFT on the pairs' chosen answers ({epochs})"
     method = LOSS_NAMES.get(variant.get("loss") or manifest["config"]["dpo"].get("loss"), "dDPO")
+    if variant.get("rows") == "ratings":
+        method += f" on every rated completion (desirable from {variant['desirable_score']:g})"
+    start = "starting model" if "start" in manifest["config"] else "base model"  # a world start has no `start` key
+    if variant.get("sft_data"):
+        return f"{method} from the {start} on the dSFT data and the pairs, one stage ({epochs})"
     if variant["start"] == "sft":
         return f"dSFT + {method} ({epochs})"
-    start = "starting model" if "start" in manifest["config"] else "base model"  # a world start has no `start` key
     return f"{method} on the {start}, no SFT ({epochs})"
 
 
 # How the report names a preference loss (dalign.losses); DPO's own sigmoid is the paper's dDPO.
 LOSS_NAMES = {"sigmoid": "dDPO", "ipo": "IPO", "hinge": "hinge DPO", "sigmoid_norm": "length-normalized dDPO",
-              "simpo": "SimPO", "orpo": "ORPO"}
+              "simpo": "SimPO", "orpo": "ORPO", "kto": "KTO"}
 
 
 def run_rows(run: Path) -> tuple[list[dict], dict]:

@@ -68,12 +68,21 @@ def plan(recipe: RecipeConfig) -> dict[str, tuple[tuple[str, ...], dict]]:
         variant = {**v.model_dump(), "epochs": recipe.dpo_for(v).epochs}
         if v.loss is PreferenceLoss.SIMPO:  # the dpo section's dump has gamma only when its own loss is simpo
             variant["simpo_gamma"] = recipe.dpo.simpo_gamma
-        from_sft, sft_method = v.start == "sft", v.method == "sft"
-        reads = (origin if sft_method or not from_sft else ()) + (("sft",) if from_sft else ()) + ("pairs",)
+        if v.loss is PreferenceLoss.KTO:  # and the KTO weights only when its loss is kto
+            variant.update(kto_desirable_weight=recipe.dpo.kto_desirable_weight,
+                           kto_undesirable_weight=recipe.dpo.kto_undesirable_weight)
+        sft_method, models = v.method == "sft", {v.start, v.reference or v.start}  # the start and the reference
+        reads = (origin if sft_method or models - {"sft"} else ()) + (("sft",) if "sft" in models else ()) + ("pairs",)
         if sft_method:  # dSFT-2 trains with the sft section; of dpo's it reads only the seed (epochs: the variant's)
-            reads_config = {**config("sft", reads_start=not from_sft), "dpo": {"seed": recipe.dpo.seed}}
+            reads_config = {**config("sft", reads_start=v.start != "sft"), "dpo": {"seed": recipe.dpo.seed}}
         else:
-            reads_config = config("dpo", reads_start=not from_sft)
+            reads_config = config("dpo", reads_start=bool(models - {"sft"}))
+        if v.sft_data:  # ORPO on the dSFT data too: the dialogues, and the base model's corpus to replay
+            reads = tuple(dict.fromkeys(origin + reads + ("dialogues",)))
+            reads_config["sft"] = {k: getattr(recipe.sft, k) for k in ("replay_ratio", "seed", "skip_bad_rows")}
+        if v.rows == "ratings":  # KTO on every rated completion of the pairs' training prompts
+            reads += ("ratings",)
+            reads_config["pairs"] = {k: getattr(recipe.pairs, k) for k in ("test_fraction", "dev_fraction", "seed")}
         stages[dpo_names[-1]] = (reads, {**reads_config, "variant": variant, **checked})
     read = [n for n in ("dialogues", "completions") if n in stages]  # prompts the held-out questions must avoid
     students = [f"sft-{s.name}" for s in recipe.students if with_sft]

@@ -40,16 +40,15 @@ def replay_examples(tokens: np.ndarray, count: int, length: int, seed: int) -> l
     return [Example(tokens[s:s + length].tolist(), tokens[s:s + length].tolist()) for s in starts]
 
 
-def run_sft(cfg: SFTConfig, model_path: Path, dialogues: Path, out: Path, replay_tokens: np.ndarray | None,
-            tokenizer=None) -> dict:
-    """`tokenizer`: given when the model folder's own lacks the chat template (a base model
-    without one, given the recipe's start.chat_template)."""
-    adapters.check(cfg.lora, "sft")
-    tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_path)
+def sft_examples(cfg: SFTConfig, dialogues: Path, tokenizer, replay_tokens: np.ndarray | None, max_length: int
+                 ) -> tuple[list[Example], int, Counter, ReadReport]:
+    """The dSFT data as training sequences: the dialogues (longer than max_length: dropped, counted),
+    then cfg.replay_ratio of the total as pretraining text when there is a corpus to replay; also
+    the replayed count, the drops by reason and the read report."""
     report = ReadReport(str(dialogues))
     rows = read_rows(dialogues, validate=validate_dialogue, skip_bad=cfg.skip_bad_rows, report=report)
     dropped = Counter(report.dropped)
-    examples = dialogue_examples(rows, tokenizer, cfg.max_length, dropped)
+    examples = dialogue_examples(rows, tokenizer, max_length, dropped)
     if not examples:
         raise ValueError(f"{dialogues}: no dialogue left to train on (dropped: {dict(dropped)})")
     n_replay = 0
@@ -57,6 +56,16 @@ def run_sft(cfg: SFTConfig, model_path: Path, dialogues: Path, out: Path, replay
         n_replay = round(len(examples) * cfg.replay_ratio / (1 - cfg.replay_ratio))
         mean_len = int(np.mean([len(e.input_ids) for e in examples]))
         examples += replay_examples(replay_tokens, n_replay, mean_len, cfg.seed)
+    return examples, n_replay, dropped, report
+
+
+def run_sft(cfg: SFTConfig, model_path: Path, dialogues: Path, out: Path, replay_tokens: np.ndarray | None,
+            tokenizer=None) -> dict:
+    """`tokenizer`: given when the model folder's own lacks the chat template (a base model
+    without one, given the recipe's start.chat_template)."""
+    adapters.check(cfg.lora, "sft")
+    tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_path)
+    examples, n_replay, dropped, report = sft_examples(cfg, dialogues, tokenizer, replay_tokens, cfg.max_length)
     order = list(range(len(examples)))
     random.Random(cfg.seed).shuffle(order)  # packing mixes dialogues and replay in every row
     ordered = [examples[i] for i in order]

@@ -112,6 +112,9 @@ class Objective(Protocol):
         """Loss summed over the batch's units, and metrics summed likewise (for the log)."""
         ...
 
+    # Optional: begin_step(model, micro_batches, accelerator), called by every process before the
+    # step's first micro-batch, for what the whole step shares (KTO's reference point).
+
 
 class TokenObjective:
     """Next-token cross-entropy on labelled tokens (pretraining and SFT)."""
@@ -202,6 +205,8 @@ def train(model, rows: Sequence, make_batch: Callable[[list], dict], cfg: TrainC
     for step in range(start, plan.total_steps):
         parts = plan.micro_indices(step)  # row positions, kept to name the rows of a non-finite step
         micro = [to_device(make_batch([rows[i] for i in part]), accelerator.device) for part in parts]
+        if hasattr(objective, "begin_step"):
+            objective.begin_step(model, micro, accelerator)
         # Normalise by the units (tokens, pairs) of the whole step over every process, so that
         # each unit weighs the same however the step is split into micro-batches and processes.
         n_local = sum(objective.count(b) for b in micro)

@@ -5,6 +5,7 @@
 Each job trains one stage with dalign's own functions on the test's prepared inputs:
   sft:OUT          dSFT of SETUP/base on SETUP/dialogues.jsonl with the config SETUP/sft.json
   dpo:OUT          dDPO of SETUP/base on SETUP/pairs.jsonl with SETUP/dpo.json
+  kto:OUT          KTO of SETUP/base on SETUP/unpaired.jsonl with SETUP/kto.json
   ...:OUT:kill=N   the same, rank 0 killed with SIGKILL right after the step-N checkpoint
 Each rank writes OUT/rank-R.json: what it saw (processes, engine, how many parameters came
 back from `prepare` as shards).
@@ -98,8 +99,9 @@ def main() -> None:
             cfg = SFTConfig.model_validate_json((setup / "sft.json").read_text())
             run_sft(cfg, setup / "base", setup / "dialogues.jsonl", out, None)
         else:
-            cfg = DPOConfig.model_validate_json((setup / "dpo.json").read_text())
-            run_dpo(cfg, setup / "base", setup / "base", setup / "pairs.jsonl", out)
+            rows = "pairs" if stage == "dpo" else "unpaired"
+            cfg = DPOConfig.model_validate_json((setup / f"{stage}.json").read_text())
+            run_dpo(cfg, setup / "base", setup / "base", setup / f"{rows}.jsonl", out)
         (out / f"rank-{os.environ.get('RANK', '0')}.json").write_text(json.dumps(FACTS))
 
 

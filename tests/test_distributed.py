@@ -1,4 +1,4 @@
-"""Packed dSFT and packed dDPO under two processes equal one process, with DDP, FSDP2 and
+"""Packed dSFT, packed dDPO and packed KTO under two processes equal one process, with DDP, FSDP2 and
 DeepSpeed ZeRO-2 and ZeRO-3, and a run killed after a checkpoint resumes to exactly the straight run.
 
 Two processes are started by `torchrun --standalone --nproc_per_node 2` (tests/distributed_worker.py),
@@ -21,9 +21,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from dalign.binarize import unpair
 from dalign.config import DPOConfig, SFTConfig
 from dalign.data import write_rows
 from dalign.dpo import run_dpo
+from dalign.losses import PreferenceLoss
 from dalign.sft import run_sft
 from test_dpo import world_pairs
 from test_train import world_dialogues
@@ -73,11 +75,14 @@ def setup(tmp_path_factory, world_tokenizer):
     tok.save_pretrained(folder / "base")
     write_rows(folder / "dialogues.jsonl", world_dialogues(40))
     write_rows(folder / "pairs.jsonl", world_pairs(24))
+    write_rows(folder / "unpaired.jsonl", unpair(world_pairs(24)))
     common = dict(global_batch_size=8, per_device_batch_size=2, max_steps=STEPS, checkpoint_every=KILLED_AT,
                   log_every=1, learning_rate=1e-3, warmup_ratio=0.2, max_length=128, activation_checkpointing=True)
     sft, dpo = SFTConfig(replay_ratio=0.0, packing=True, **common), DPOConfig(packed=True, **common)
     (folder / "sft.json").write_text(sft.model_dump_json())
     (folder / "dpo.json").write_text(dpo.model_dump_json())
+    kto = dpo.model_copy(update={"loss": PreferenceLoss.KTO})
+    (folder / "kto.json").write_text(kto.model_dump_json())
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -85,7 +90,9 @@ def setup(tmp_path_factory, world_tokenizer):
         one = {"sft": run_sft(sft.model_copy(update=plain), folder / "base", folder / "dialogues.jsonl",
                               folder / "one" / "sft", None),
                "dpo": run_dpo(dpo.model_copy(update=plain), folder / "base", folder / "base", folder / "pairs.jsonl",
-                              folder / "one" / "dpo")}
+                              folder / "one" / "dpo"),
+               "kto": run_dpo(kto.model_copy(update=plain), folder / "base", folder / "base", folder / "unpaired.jsonl",
+                              folder / "one" / "kto")}
     finally:
         torch.set_num_threads(threads)
     assert one["sft"]["gradient_accumulation"] == 4 and one["sft"]["processes"] == 1
@@ -112,7 +119,7 @@ def runs(request, setup, tmp_path_factory):
         (out / "zero3.json").write_text(json.dumps(ds))
         env["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(out / "zero3.json")
     layouts = {}
-    for jobs, killed in (([f"sft:{out}/sft", f"dpo:{out}/dpo", f"sft:{out}/sft-k:kill={KILLED_AT}"], "sft"),
+    for jobs, killed in (([f"sft:{out}/sft", f"dpo:{out}/dpo", f"kto:{out}/kto", f"sft:{out}/sft-k:kill={KILLED_AT}"], "sft"),
                          ([f"sft:{out}/sft-k", f"dpo:{out}/dpo-k:kill={KILLED_AT}"], "dpo"),
                          ([f"dpo:{out}/dpo-k"], None)):
         done = launch(setup, engine, jobs, env)
@@ -130,7 +137,7 @@ def ranks(folder: Path) -> list[dict]:
     return [json.loads((folder / f"rank-{r}.json").read_text()) for r in (0, 1)]
 
 
-@pytest.mark.parametrize("stage", ["sft", "dpo"])
+@pytest.mark.parametrize("stage", ["sft", "dpo", "kto"])  # KTO: its reference point gathered over the processes
 def test_two_processes_equal_one(runs, setup, stage):
     engine, out, _ = runs
     for seen in ranks(out / stage):  # the launch really ran two processes under the engine asked for

@@ -194,3 +194,67 @@ def test_simpo_gamma_enters_the_config_only_for_simpo_and_orpo_refuses_a_second_
     assert DPOConfig(loss="simpo", simpo_gamma=1.0).model_dump()["simpo_gamma"] == 1.0
     with pytest.raises(ValidationError, match="chosen_nll: orpo's loss already holds"):
         DPOConfig(loss="orpo", chosen_nll=0.5)
+
+
+def dialogue_examples_of(n: int, tokenizer):
+    from collections import Counter
+
+    from dalign.sft import dialogue_examples
+    from test_train import world_dialogues
+
+    return dialogue_examples(world_dialogues(n), tokenizer, 256, Counter())
+
+
+def test_a_dsft_row_beside_orpo_pairs_adds_its_mean_nll_alone(setup, world_tokenizer):
+    """ORPO on pairs and dSFT sequences: the pairs' ORPO losses plus each sequence's mean token NLL,
+    whose gradient is that NLL's alone; packed or padded alike."""
+    from collections import Counter
+
+    from transformers import AutoModelForCausalLM
+
+    from dalign.data import read_rows
+    from dalign.dpo import make_pairs, nll_rows
+    from dalign.packed import collate_packed_pairs, packed_attention
+    from dalign.train import token_loss_sum, collate
+
+    model = AutoModelForCausalLM.from_pretrained(setup / "sft")
+    pairs = make_pairs(read_rows(setup / "pairs.jsonl"), world_tokenizer, 256, Counter())[:3]
+    examples = dialogue_examples_of(2, world_tokenizer)
+    objective = PreferenceObjective(0.1, PreferenceLoss.ORPO)
+    pad = world_tokenizer.pad_token_id
+    mixed, _ = objective.loss(model, collate_pairs(pairs + nll_rows(examples), pad))
+    alone, _ = objective.loss(model, collate_pairs(pairs, pad))
+    nll = [token_loss_sum(model, collate([[e]], pad)) for e in examples]
+    assert mixed.item() == pytest.approx(alone.item() + sum(s.item() / n for s, n in nll), rel=1e-6)
+    model.zero_grad()
+    objective.loss(model, collate_pairs(nll_rows(examples[:1]), pad))[0].backward()
+    ours = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    (nll[0][0] / nll[0][1]).backward()
+    assert all(torch.allclose(a, p.grad, atol=1e-6) for a, p in zip(ours, model.parameters()))
+    with packed_attention(model, True):
+        packed, metrics = objective.loss(model, collate_packed_pairs(pairs + nll_rows(examples)))
+    assert packed.item() == pytest.approx(mixed.item(), rel=1e-5) and metrics["pairs"] == 3
+
+
+def test_orpo_on_the_dsft_data_and_the_pairs_learns_both(setup, world_tokenizer):
+    """From a fresh model: the dSFT dialogues' NLL falls and the pairs' chosen answers gain over the rejected."""
+    from dalign.train import collate, token_loss_sum
+    from transformers import AutoModelForCausalLM
+
+    examples = dialogue_examples_of(24, world_tokenizer)
+    cfg = DPOConfig(loss="orpo", beta=0.5, max_steps=30, learning_rate=1e-2, per_device_batch_size=8,
+                    checkpoint_every=100, log_every=5)
+    summary = run_dpo(cfg, setup / "sft", setup / "sft", setup / "pairs.jsonl", setup / "orpo", sft_data=examples)
+    assert summary["rows"]["kept"] == 16 and summary["sft_rows"] == 24 and summary["reference_logps_key"] is None
+
+    def dialogue_nll(path):
+        model = AutoModelForCausalLM.from_pretrained(path).eval()
+        with torch.no_grad():
+            total, n = token_loss_sum(model, collate([[e] for e in examples], world_tokenizer.pad_token_id))
+        return total.item() / n
+
+    assert dialogue_nll(setup / "orpo" / "model") < 0.7 * dialogue_nll(setup / "sft")
+    after = margins(setup / "orpo" / "model", setup / "pairs.jsonl", world_tokenizer)
+    before = margins(setup / "sft", setup / "pairs.jsonl", world_tokenizer)
+    assert (after - before).mean() > 1.0

@@ -44,9 +44,9 @@ def test_sigmoid_gradient_pushes_chosen_up_and_rejected_down():
 
 
 def test_which_variants_are_length_normalized_and_reference_free():
-    assert [v.length_normalized for v in PreferenceLoss] == [False, True, False, True, True, True]
-    assert [v.needs_reference for v in PreferenceLoss] == [True, True, True, True, False, False]
-    assert all(v.needs_pairs for v in PreferenceLoss)
+    assert [v.length_normalized for v in PreferenceLoss] == [False, True, False, True, True, True, False]
+    assert [v.needs_reference for v in PreferenceLoss] == [True, True, True, True, False, False, True]
+    assert [v.needs_pairs for v in PreferenceLoss] == [True] * 6 + [False]
 
 
 # Mean log-probs (the length-normalized variants are given means): chosen -1 and -0.5, rejected -2 and -0.4.
