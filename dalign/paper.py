@@ -158,12 +158,14 @@ def all_models(agg: dict, out: Path) -> list[str]:
 
 
 def methods(agg: dict, out: Path) -> list[str]:
-    """One row per preference method: every one-epoch variant that trains a preference loss (the
-    recipe's own loss, or the one it names), with its stage's wall time per seed."""
+    """One row per preference method: every variant that trains a preference loss (the recipe's own loss,
+    or the one it names) for one epoch, or that replaces dSFT too (sft_data: its epochs are dSFT's), with
+    its stage's wall time per seed."""
     rows = []
     for label, m in agg["models"].items():
         variant = (m["manifest"] or {}).get("config", {}).get("variant", {})
-        if label.startswith("dpo-") and variant.get("method", "dpo") == "dpo" and variant.get("epochs") == 1:
+        if label.startswith("dpo-") and variant.get("method", "dpo") == "dpo" and (
+                variant.get("epochs") == 1 or variant.get("sft_data")):
             f = lambda key: _fig(agg, label, key)  # noqa: E731
             seconds = [s for s in agg["per_seed_seconds"].get(label, []) if s is not None]
             time = f"{statistics.fmean(seconds):.0f}" + (f" [{min(seconds):.0f}-{max(seconds):.0f}]" if len(seconds) > 1
@@ -173,12 +175,13 @@ def methods(agg: dict, out: Path) -> list[str]:
                         f"{cell(f('reward_accuracy'), True)} | {time} |")
     if not rows:
         return []
-    return ["## Preference methods (one epoch each, the same pairs)", "",
+    return ["## Preference methods (the same pairs; one epoch each unless the method replaces dSFT too)", "",
             "| model | method | MT-Bench-style | win rate vs dSFT | LC win rate | held-out reward acc. | "
             "seconds per seed [min-max] |", "|---|---|---|---|---|---|---|", *rows, "",
             "The held-out reward accuracy is DPO's implicit reward, beta x log(policy / start), whatever the method "
             "optimised: the reference-free methods (SimPO, ORPO) define no such reward of their own. The seconds are "
-            "the stage's, reference pass included where the method makes one."]
+            "the stage's, reference pass included where the method makes one; a method that replaces dSFT too "
+            "stands against the dSFT stage's seconds plus its dDPO's."]
 
 
 def table1(agg: dict, out: Path) -> list[str]:

@@ -135,6 +135,12 @@ def test_the_paper_report_gives_each_rows_mean_and_spread_over_the_seeds(ablatio
     for heading in ("Table 1", "Table 2", "Table 3", "Figure 3"):
         assert heading in md
     assert "| dSFT-2 (+1 epoch SFT on the AIF best answers) | 6.19 | 78.54 | dpo-sft2 |" in md
+    methods = md.split("## Preference methods")[1].split("\n## ")[0]
+    rows = {line.split(" | ")[0][2:]: line for line in methods.splitlines() if line.startswith("| dpo-")}
+    assert list(rows) == ["dpo-1ep", "dpo-nosft"]  # one epoch of a preference loss; not dpo-2ep, not dpo-sft2
+    seconds = agg["per_seed_seconds"]["dpo-1ep"]
+    assert len(seconds) == 2 and rows["dpo-1ep"].endswith(
+        f"| {statistics.fmean(seconds):.0f} [{min(seconds):.0f}-{max(seconds):.0f}] |")
     assert {"base", "base-big", "sft", "sft-big", "dpo-1ep", "evaluate"} <= set(agg["seconds"])  # manifests' times
     assert all(v >= 0 for v in agg["seconds"].values())
 
