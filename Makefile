@@ -32,7 +32,7 @@ demo: $(DEMO_STAMP)
 	$(BIN)/dalign run recipes/offline.yaml
 
 # The paper's claims over three seeds, with the DPO-epochs curve and a larger dSFT-only student
-# (recipes/ablation.yaml); its report is runs/ablation/report. 74 min on 2 cores (README).
+# (recipes/ablation.yaml); its report is runs/ablation/report. 66 min on 2 cores (README).
 ablation: $(DEMO_STAMP)
 	$(BIN)/dalign run recipes/ablation.yaml
 

@@ -144,14 +144,15 @@ def stage(recipe, out, inputs: dict) -> dict:
     set, replaces the test split), or pairs read from pairs.source and pairs.held_out."""
     from dalign.data import read_rows, write_rows
     from dalign.parallel import is_main
-    from dalign.readers import read_preferences, read_source
+    from dalign.readers import read_preferences, read_source, read_unpaired
 
     cfg = recipe.pairs
     if not is_main():  # one quick pass, made once: the other processes wait at the stage's barrier
         return {}
-    if cfg.source is not None:
-        read = {split: read_source(source, read_preferences, out / f"{split}.jsonl")
-                for split, source in (("train", cfg.source), ("test", cfg.held_out))}
+    if cfg.source is not None:  # the held-out rows are pairs either way: the reward accuracy compares two answers
+        train_reader = read_unpaired if cfg.source_rows == "unpaired" else read_preferences
+        read = {split: read_source(source, reader, out / f"{split}.jsonl")
+                for split, source, reader in (("train", cfg.source, train_reader), ("test", cfg.held_out, read_preferences))}
         return {"rows": {"kept": read["train"]["kept"] + read["test"]["kept"],
                          "dropped": {f"{s}:{k}": v for s in read for k, v in read[s]["dropped"].items()}}, **read}
     splits, dropped = binarize(read_rows(inputs["ratings"] / "ratings.jsonl"), cfg.rejection, cfg.seed,

@@ -407,9 +407,21 @@ class PairsConfig(Strict):
     source: SourceConfig | None = None
     """Preference pairs read instead of made by AI feedback (ultrafeedback_binarized-style: prompt,
     chosen, rejected); None: the completions are rated and binarized."""
+    source_rows: Literal["pairs", "unpaired"] = "pairs"
+    """What `source` holds: pairs, or unpaired rows (prompt, completion, label: TRL's KTO format, as
+    trl-lib/kto-mix-14k), which only loss kto trains on (the other variants are refused at load
+    time); `held_out` stays pairs, since the reward accuracy compares two answers. Left out of the
+    hash when 'pairs'."""
     held_out: SourceConfig | None = None
     """Preference pairs kept apart for the held-out reward accuracy; None: the AI-feedback test
     split (required with `source`)."""
+
+    @model_serializer(mode="wrap")
+    def _rows_when_unpaired(self, handler):
+        dumped = handler(self)
+        if dumped.get("source_rows") == "pairs":
+            dumped.pop("source_rows", None)
+        return dumped
 
 
 class DPOConfig(TrainConfig):

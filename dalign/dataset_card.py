@@ -47,6 +47,14 @@ SCHEMAS = {
         ("rejected_model", "string", "the ensemble member that wrote the rejected answer (AI-feedback pairs)"),
     ],
 }
+# pairs.source_rows: unpaired puts TRL's KTO rows in the pairs stage's train split (its test split stays pairs).
+UNPAIRED_SCHEMA = [
+    ("prompt_id", "string", "id of the prompt"),
+    ("prompt", MESSAGES, "messages ending with a user turn"),
+    ("completion", MESSAGES, "an answer: assistant messages"),
+    ("label", "bool", "true: a desirable answer; false: an undesirable one"),
+    ("score", "float", "the answer's score (null when the source gave none)"),
+]
 DESCRIPTIONS = {
     "dialogues": "Multi-turn dialogues for distilled supervised fine-tuning (dSFT), in the OpenAI messages format.",
     "completions": "AI-feedback prompts, each answered by several members of an ensemble (UltraFeedback style).",
@@ -76,8 +84,12 @@ def dataset_card(recipe, name: str, stages: dict) -> str:
     # datasets cannot load an empty file as a split ("corresponds to no data"): it stays out of configs.
     listed = {split: files[split] for split, n in counts.items() if n > 0}
     generated = _generated(name, manifest["config"])
-    metadata = {"configs": [{"config_name": "default",
-                             "data_files": [{"split": s, "path": f} for s, f in listed.items()]}],
+    unpaired = name == "pairs" and manifest["config"]["pairs"].get("source_rows") == "unpaired"
+    groups = ({"unpaired": ["train"], "pairs": [s for s in listed if s != "train"]} if unpaired
+              else {"default": list(listed)})  # one config per schema: datasets loads a config's splits as one
+    metadata = {"configs": [{"config_name": config, "data_files": [{"split": s, "path": listed[s]} for s in splits
+                                                                   if s in listed]}
+                            for config, splits in groups.items()],
                 "license": LICENSE, "task_categories": ["text-generation"],
                 "size_categories": [size_category(sum(counts.values()))],
                 "tags": ["dalign", "zephyr-recipe", *TAGS[name], *(["synthetic"] if generated else [])],
@@ -93,10 +105,16 @@ def dataset_card(recipe, name: str, stages: dict) -> str:
     body += ["", "## Schema", "", "Messages are in the OpenAI format `{\"role\": \"system\"|\"user\"|\"assistant\", "
              "\"content\": str}`.", "", "| field | type | meaning |", "|---|---|---|"]
     body += [f"| `{f}` | {t} | {m} |" for f, t, m in SCHEMAS[name]]
+    if unpaired:
+        body += ["", "The train split (config `unpaired`) holds unpaired rows, TRL's KTO format, read from "
+                 "pairs.source; the held-out split (config `pairs`) holds pairs, as above:", "",
+                 "| field | type | meaning |", "|---|---|---|", *[f"| `{f}` | {t} | {m} |" for f, t, m in UNPAIRED_SCHEMA]]
     body += ["", "## Counts", "", f"Rows kept: {rows_text(manifest['rows'])}."] + count_lines(name, manifest)
     body += ["", "## Provenance", ""] + provenance_lines(run, name, manifest)
+    config = ', "unpaired"' if unpaired else ""
     body += ["", "## How to load", "", "```python", "import datasets", "",
-             f'splits = datasets.load_dataset("{run.where(name)}")  # this folder: the files of `configs`', "```"]
+             f'splits = datasets.load_dataset("{run.where(name)}"{config})  # this folder: the files of `configs`',
+             "```"]
     return render(metadata, comments, body)
 
 

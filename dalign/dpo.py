@@ -272,6 +272,11 @@ def stage(recipe, out: Path, inputs: dict[str, Path], variant_name: str) -> dict
                                                           decontaminate.unpaired_texts, out)
         return {"seeds": {"data_order": cfg.seed}, "start": variant.start, "rows_from": "ratings",
                 **run_dpo(cfg, start, reference, rows, out), "decontamination": checked}
+    if recipe.pairs.source_rows == "unpaired":  # KTO on rows read as unpaired (recipe.check_variant)
+        rows, checked = decontaminate.decontaminated_file(recipe, inputs["pairs"] / "train.jsonl",
+                                                          decontaminate.unpaired_texts, out)
+        return {"seeds": {"data_order": cfg.seed}, "start": variant.start, "rows_from": "source",
+                **run_dpo(cfg, start, reference, rows, out), "decontamination": checked}
     pairs, checked = decontaminate.decontaminated_file(recipe, inputs["pairs"] / "train.jsonl",
                                                        decontaminate.preference_texts, out)
     if variant.method == "sft":

@@ -93,8 +93,9 @@ def method_text(name: str, manifest: dict, config: dict) -> str:
         data = " and the dSFT data (its NLL alone)" if manifest["config"].get("variant", {}).get("sft_data") else ""
         return f"preference optimisation with the reference-free {config['loss']} loss on AI-feedback preference pairs{data}"
     if config["loss"] == "kto":  # dalign.losses.PreferenceLoss.needs_pairs
-        return ("KTO on unpaired AI-feedback completions labelled desirable or undesirable, the starting model as "
-                "the frozen reference")
+        data = ("unpaired rows read from pairs.source" if manifest.get("rows_from") == "source"
+                else "unpaired AI-feedback completions")
+        return f"KTO on {data} labelled desirable or undesirable, the starting model as the frozen reference"
     return (f"distilled direct preference optimisation (dDPO, {config['loss']} loss) on AI-feedback preference pairs, "
             "the starting model as the frozen reference")
 

@@ -26,7 +26,8 @@ from typing import Any, Callable, Iterator
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dalign.data import (_JSON_ERRORS, ReadReport, RowError, _check_conversation, _check_list, _check_row_is_dict,
-                         _check_text, _raw_rows, validate_dialogue, validate_preference, write_rows)
+                         _check_text, _raw_rows, validate_dialogue, validate_preference, validate_unpaired,
+                         write_rows)
 
 logger = logging.getLogger("dalign.readers")
 
@@ -247,6 +248,21 @@ def _preference(row: dict) -> dict:
     return out
 
 
+def _unpaired(row: dict) -> dict:
+    prompt = row.get("prompt")
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": _text(row, "prompt")}]
+    out = {"prompt_id": None, "prompt": prompt, "completion": row.get("completion"), "label": row.get("label")}
+    if "label" not in row:
+        out.pop("label")  # validate_unpaired tells a missing label from a wrong one
+    if isinstance(prompt, list):  # else validate_unpaired names the wrong type
+        out["completion"] = _completion(row, "completion", prompt)
+    validate_unpaired(out)
+    out["prompt_id"] = _prompt_id(row, prompt)
+    out["score"] = _score(row, "score")
+    return out
+
+
 def _question(row: dict) -> dict:
     qid = _need(row, "question_id")
     if isinstance(qid, bool) or not isinstance(qid, (int, str)):
@@ -297,6 +313,13 @@ def read_preferences(source: SourceConfig, *, skip_bad: bool = False, report: Re
     """
     fields = ("prompt_id", "prompt", "chosen", "rejected", "score_chosen", "score_rejected", "metadata")
     return _read(source, _preference, fields, skip_bad=skip_bad, report=report)
+
+
+def read_unpaired(source: SourceConfig, *, skip_bad: bool = False, report: ReadReport | None = None) -> list[dict]:
+    """Unpaired rows, TRL's KTO format (prompt, completion, label: text or messages; a bool label,
+    true for a desirable completion), as {prompt_id, prompt, completion, label, score}."""
+    return _read(source, _unpaired, ("prompt_id", "prompt", "completion", "label", "score", "metadata"),
+                 skip_bad=skip_bad, report=report)
 
 
 def read_mt_bench(source: SourceConfig, *, skip_bad: bool = False, report: ReadReport | None = None) -> list[dict]:

@@ -149,8 +149,14 @@ class RecipeConfig(Strict):
 def check_variant(r: "RecipeConfig", v: DPOVariant, key: str) -> None:
     """A variant's loss against its data and its reference, refused with the key to change."""
     loss = v.loss or r.dpo.loss
+    unpaired = r.pairs.source is not None and r.pairs.source_rows == "unpaired"
+    if unpaired and (v.method == "sft" or loss.needs_pairs):
+        what = "method sft trains on chosen answers" if v.method == "sft" else f"loss {loss.value} needs (chosen, rejected) pairs"
+        _refuse(f"{key}.method" if v.method == "sft" else f"{key}.loss" if v.loss else "dpo.loss",
+                f"{what}, and pairs.source_rows: unpaired reads unpaired rows (prompt, completion, label): use loss: kto")
     if v.method == "sft":
-        for name, value in (("loss", v.loss), ("reference", v.reference), ("sft_data", v.sft_data or None)):
+        for name, value in (("loss", v.loss), ("reference", v.reference), ("sft_data", v.sft_data or None),
+                            ("rows", None if v.rows == "pairs" else v.rows), ("desirable_score", v.desirable_score)):
             if value is not None:
                 _refuse(f"{key}.{name}", "a variant of method sft trains no preference loss")
         return
@@ -230,6 +236,8 @@ def check_sources(r: "RecipeConfig") -> None:
     if r.evaluate.alpaca_eval is not None and r.roles.comparer.world is not None:
         _refuse("roles.comparer.world", "the world's comparer reads only the world's instructions; "
                 "evaluate.alpaca_eval needs a comparer from openai or model")
+    if r.pairs.source_rows == "unpaired" and feedback:
+        _refuse("pairs.source_rows", "unpaired names what pairs.source holds, and no pairs.source is set")
     if not feedback and r.pairs.held_out is None:
         _refuse("pairs.held_out", "with pairs.source, set pairs.held_out too (pairs kept apart for the reward accuracy)")
 

@@ -37,6 +37,8 @@ def _alignment(label: str, manifest: dict | None) -> str:
     method = LOSS_NAMES.get(variant.get("loss") or manifest["config"]["dpo"].get("loss"), "dDPO")
     if variant.get("rows") == "ratings":
         method += f" on every rated completion (desirable from {variant['desirable_score']:g})"
+    if manifest.get("rows_from") == "source":
+        method += " on unpaired rows read from a file"
     start = "starting model" if "start" in manifest["config"] else "base model"  # a world start has no `start` key
     if variant.get("sft_data"):
         return f"{method} from the {start} on the dSFT data and the pairs, one stage ({epochs})"

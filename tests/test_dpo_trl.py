@@ -181,3 +181,19 @@ def test_length_normalized_dpo_equals_trl_sigmoid_norm(peer_norm, peer, world_to
     assert abs(theirs - math.log(2)) > 1e-2
     assert dalign_metrics(*args, PreferenceLoss.SIGMOID_NORM)["loss"] == pytest.approx(theirs, abs=TOL, rel=0)
     assert abs(dalign_metrics(*args, PreferenceLoss.SIGMOID)["loss"] - theirs) > 1e-2  # the averaging matters
+
+
+@pytest.mark.parametrize("variant", [PreferenceLoss.IPO, PreferenceLoss.HINGE])
+def test_ipo_and_hinge_equal_trl_loss_types(variant, world_tokenizer, tmp_path_factory):
+    """TRL's ipo (squared, on per-token mean log-ratios, as dalign's) and hinge give dalign's loss;
+    hinge's rewards too (IPO's are logged from summed log-ratios by TRL, from means by dalign)."""
+    run = trl_step(world_tokenizer, tmp_path_factory, variant.value)
+    pairs = pairs_from_trl_batch(run["batch"])
+    args = pairs, run["policy"], run["reference"], world_tokenizer.pad_token_id, BETA
+    ours, theirs = dalign_metrics(*args, variant), run["logged"]
+    assert ours["loss"] == pytest.approx(theirs["loss"], abs=TOL, rel=1e-6)
+    if variant is PreferenceLoss.HINGE:
+        for mine, name in NAMES.items():
+            assert ours[mine] == pytest.approx(theirs[name], abs=TOL, rel=0), name
+    other = PreferenceLoss.HINGE if variant is PreferenceLoss.IPO else PreferenceLoss.SIGMOID
+    assert abs(dalign_metrics(*args, other)["loss"] - theirs["loss"]) > 1e-2  # the loss type matters

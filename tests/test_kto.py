@@ -128,6 +128,7 @@ RECIPE = {"name": "r", "run_dir": "runs/x"}
     ({"name": "v", "loss": "orpo", "start": "start", "reference": "sft"}, {}, "variants[0].reference", "reference-free"),
     ({"name": "v", "loss": "kto"}, {"chosen_nll": 0.5}, "variants[0].loss", "kto's objective has no chosen"),
     ({"name": "v", "method": "sft", "reference": "start"}, {}, "variants[0].reference", "method sft"),
+    ({"name": "v", "method": "sft", "rows": "ratings", "desirable_score": 4.0}, {}, "variants[0].rows", "method sft"),
     ({"name": "v", "sft_data": True}, {}, "variants[0].sft_data", "only orpo trains on it"),
     ({"name": "v", "loss": "kto", "sft_data": True}, {}, "variants[0].sft_data", "loss is kto"),
 ])
