@@ -21,6 +21,7 @@ from dalign.train import Example
 
 from test_dpo import TINY, world_pairs
 from test_dpo_trl import far_copy
+from trl_peer import train_capturing_batches
 
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
@@ -60,8 +61,6 @@ def cycle_order(rows: list[dict]) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def peer(world_tokenizer, tmp_path_factory):
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
     rows = cycle_order(unpaired_rows())
     policy = build_model(TINY, world_tokenizer, seed=0)
     reference = far_copy(policy)
@@ -74,15 +73,7 @@ def peer(world_tokenizer, tmp_path_factory):
                          train_sampling_strategy="sequential")
     trainer = trl.KTOTrainer(model=policy, ref_model=reference, args=args, train_dataset=datasets.Dataset.from_list(rows),
                              processing_class=world_tokenizer)
-    batches, compute_loss = [], trainer.compute_loss
-
-    def spy(model, inputs, *a, **kw):
-        batches.append({k: v.detach().clone() for k, v in inputs.items() if torch.is_tensor(v)})
-        return compute_loss(model, inputs, *a, **kw)
-
-    trainer.compute_loss = spy
-    trainer.train()
-    torch.set_num_threads(before)
+    batches = train_capturing_batches(trainer)
     assert len(batches) == 1 and batches[0]["input_ids"].shape[0] == N
     logged = next(entry for entry in trainer.state.log_history if "kl" in entry)
     return {"rows": rows, "batch": batches[0], "logged": logged, "policy": ours[0], "reference": ours[1]}

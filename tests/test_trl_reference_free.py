@@ -22,6 +22,7 @@ from dalign.pretrain import build_model
 from dalign.train import Example, collate, token_loss_sum
 
 from test_dpo import TINY, world_pairs
+from trl_peer import train_capturing_batches
 
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
@@ -41,8 +42,6 @@ def _one_thread(one_thread):
 def trl_step(world_tokenizer, folder, trainer_cls, config_cls, **settings) -> dict:
     """One TRL step (learning rate 0) on N world pairs: its batch, its logged metrics and an
     untouched copy of the model it scored them with."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
     rows = world_pairs(N)
     policy = build_model(TINY, world_tokenizer, seed=0)
     with torch.no_grad():  # a sharper model: mean log-probs far from 0 and from each other
@@ -53,15 +52,7 @@ def trl_step(world_tokenizer, folder, trainer_cls, config_cls, **settings) -> di
                       dataloader_num_workers=0, **settings)
     dataset = datasets.Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
     trainer = trainer_cls(model=policy, args=args, train_dataset=dataset, processing_class=world_tokenizer)
-    batches, compute_loss = [], trainer.compute_loss
-
-    def spy(model, inputs, *a, **kw):
-        batches.append({k: v.detach().clone() for k, v in inputs.items() if torch.is_tensor(v)})
-        return compute_loss(model, inputs, *a, **kw)
-
-    trainer.compute_loss = spy
-    trainer.train()
-    torch.set_num_threads(before)
+    batches = train_capturing_batches(trainer)
     assert len(batches) == 1 and batches[0]["chosen_input_ids"].shape[0] == N
     logged = next(entry for entry in trainer.state.log_history if "rewards/chosen" in entry)
     return {"batch": batches[0], "logged": logged, "policy": ours}
