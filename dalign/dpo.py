@@ -267,15 +267,13 @@ def stage(recipe, out: Path, inputs: dict[str, Path], variant_name: str) -> dict
     start, reference = (Path(resolve(models["sft" if name == "sft" else "start"]))
                         for name in (variant.start, variant.reference or variant.start))
     cfg = recipe.dpo_for(variant)
-    if variant.rows == "ratings":  # KTO on every rated completion (recipe.check_variant)
-        rows, checked = decontaminate.decontaminated_file(recipe, rated_file(recipe, variant, inputs["ratings"], out),
-                                                          decontaminate.unpaired_texts, out)
-        return {"seeds": {"data_order": cfg.seed}, "start": variant.start, "rows_from": "ratings",
-                **run_dpo(cfg, start, reference, rows, out), "decontamination": checked}
-    if recipe.pairs.source_rows == "unpaired":  # KTO on rows read as unpaired (recipe.check_variant)
-        rows, checked = decontaminate.decontaminated_file(recipe, inputs["pairs"] / "train.jsonl",
-                                                          decontaminate.unpaired_texts, out)
-        return {"seeds": {"data_order": cfg.seed}, "start": variant.start, "rows_from": "source",
+    # KTO on unpaired rows: every rated completion, or rows read as unpaired (recipe.check_variant).
+    rows_from = "ratings" if variant.rows == "ratings" else "source" if recipe.pairs.source_rows == "unpaired" else None
+    if rows_from is not None:
+        unpaired = (rated_file(recipe, variant, inputs["ratings"], out) if rows_from == "ratings"
+                    else inputs["pairs"] / "train.jsonl")
+        rows, checked = decontaminate.decontaminated_file(recipe, unpaired, decontaminate.unpaired_texts, out)
+        return {"seeds": {"data_order": cfg.seed}, "start": variant.start, "rows_from": rows_from,
                 **run_dpo(cfg, start, reference, rows, out), "decontamination": checked}
     pairs, checked = decontaminate.decontaminated_file(recipe, inputs["pairs"] / "train.jsonl",
                                                        decontaminate.preference_texts, out)

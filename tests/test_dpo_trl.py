@@ -22,6 +22,7 @@ from dalign.pretrain import build_model
 from dalign.train import Example
 
 from test_dpo import TINY, world_pairs
+from trl_peer import train_capturing_batches
 
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
@@ -57,8 +58,6 @@ NORM_BETA = 50 * BETA
 def trl_step(world_tokenizer, tmp_path_factory, loss_type: str, beta: float = BETA) -> dict:
     """One TRL DPO step (learning rate 0) on N world pairs: its batch, its logged metrics, and
     untouched copies of the policy and reference weights it scored them with."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
     rows = world_pairs(N)
     policy = build_model(TINY, world_tokenizer, seed=0)
     reference = far_copy(policy)
@@ -71,16 +70,7 @@ def trl_step(world_tokenizer, tmp_path_factory, loss_type: str, beta: float = BE
     trainer = trl.DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=dataset,
                              processing_class=world_tokenizer)
     assert not trainer.args.gradient_checkpointing and not trainer.precompute_ref_logps
-    batches = []
-    compute_loss = trainer.compute_loss
-
-    def spy(model, inputs, *a, **kw):
-        batches.append({k: v.detach().clone() for k, v in inputs.items()})
-        return compute_loss(model, inputs, *a, **kw)
-
-    trainer.compute_loss = spy
-    trainer.train()
-    torch.set_num_threads(before)
+    batches = train_capturing_batches(trainer)
     assert len(batches) == 1 and batches[0]["input_ids"].shape[0] == 2 * N  # chosen rows, then rejected rows
     logged = next(entry for entry in trainer.state.log_history if "rewards/chosen" in entry)
     return {"rows": rows, "tokenized": list(trainer.train_dataset), "batch": batches[0], "logged": logged,
